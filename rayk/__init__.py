@@ -1,0 +1,10 @@
+"""rayk: a distributed KV-cache system for LLM inference.
+
+``rayk.LLM`` serves a model in one process with a paged, prefix-cached KV pool.
+"""
+
+from rayk.llm import LLM
+from rayk.outputs import RequestOutput
+from rayk.sampling_params import SamplingParams
+
+__all__ = ["LLM", "RequestOutput", "SamplingParams"]

@@ -1,0 +1,100 @@
+"""Engine configuration: plain dataclasses, validated once at construction.
+
+They hold only plain values (str, int, bool, None), so they pass through a Ray actor's constructor
+unchanged. Every error names the field and the allowed range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rayk.hashing import HASH_ALGORITHMS
+
+ATTENTION_BACKENDS = ("auto", "torch", "flash_attn")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def _check_positive_int(owner: str, name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}.{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{owner}.{name} must be >= 1, got {value}")
+
+
+def _check_choice(owner: str, name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{owner}.{name} must be one of {choices}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which weights to serve, and how.
+
+    ``model`` is a local Hugging Face directory (config.json + safetensors). ``device`` is
+    "auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N". ``dtype`` "auto" takes the
+    checkpoint's dtype on CUDA and float32 on the CPU. ``max_model_len`` (tokens, prompt plus
+    output) defaults to the model's ``max_position_embeddings``.
+    """
+
+    model: str
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    attention_backend: str = "auto"
+
+    def __post_init__(self):
+        if not isinstance(self.model, str) or not self.model:
+            raise TypeError(f"ModelConfig.model must be a non-empty path string, got {self.model!r}")
+        _check_choice("ModelConfig", "dtype", self.dtype, DTYPES)
+        if not isinstance(self.device, str) or not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"ModelConfig.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        _check_positive_int("ModelConfig", "max_model_len", self.max_model_len, allow_none=True)
+        _check_choice("ModelConfig", "attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The device KV pool.
+
+    ``block_size`` is tokens per block. ``num_device_blocks`` None sizes the pool from memory:
+    on CUDA, ``gpu_memory_utilization`` of the device's memory minus what is in use; on the CPU,
+    enough blocks for ``max_num_seqs`` full-length sequences, capped at ``cpu_kv_cache_bytes``.
+    """
+
+    block_size: int = 16
+    num_device_blocks: int | None = None
+    enable_prefix_caching: bool = True
+    hash_algorithm: str = "xxh3_128"
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_bytes: int = 4 << 30
+
+    def __post_init__(self):
+        _check_positive_int("CacheConfig", "block_size", self.block_size)
+        _check_positive_int("CacheConfig", "num_device_blocks", self.num_device_blocks, allow_none=True)
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise TypeError(f"CacheConfig.enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
+        _check_choice("CacheConfig", "hash_algorithm", self.hash_algorithm, HASH_ALGORITHMS)
+        if not (0.0 < self.gpu_memory_utilization <= 1.0):
+            raise ValueError(f"CacheConfig.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        _check_positive_int("CacheConfig", "cpu_kv_cache_bytes", self.cpu_kv_cache_bytes)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits: sequences per step, and tokens per step (chunked prefill)."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 4096
+
+    def __post_init__(self):
+        _check_positive_int("SchedulerConfig", "max_num_seqs", self.max_num_seqs)
+        _check_positive_int("SchedulerConfig", "max_num_batched_tokens", self.max_num_batched_tokens)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()

@@ -1,0 +1,1 @@
+"""The single-process engine: requests, continuous-batching scheduler, model runner."""

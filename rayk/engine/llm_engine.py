@@ -1,0 +1,254 @@
+"""The single-process engine: add requests at any time, drive it one ``step()`` at a time.
+
+It owns the model, the device KV pool and the scheduler. ``add_request`` validates everything
+before any state changes, so a bad request raises and the engine keeps serving the others.
+After every step the pool's KV events are handed to subscribers as one batch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import torch
+
+from rayk.cache.block_pool import BlockPool
+from rayk.cache.events import KVEventSubscriber
+from rayk.cache.kv_cache_manager import KVCacheManager
+from rayk.cache.paged_kv import KV_LAYOUT, KVLayout, PagedKVCache
+from rayk.config import EngineConfig
+from rayk.engine.model_runner import ModelRunner
+from rayk.engine.request import Request
+from rayk.engine.scheduler import Scheduler
+from rayk.hashing import BlockHasher, model_fingerprint
+from rayk.model.attention import FLASH_ATTN_BLOCK_SIZE_MULTIPLE, flash_attn_available
+from rayk.model.loader import load_model
+from rayk.outputs import RequestOutput
+from rayk.sampling_params import SamplingParams
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        model_config, cache_config = config.model, config.cache
+        self.device = _resolve_device(model_config.device)
+        loaded = load_model(model_config.model, _resolve_dtype(model_config.dtype, self.device), self.device)
+        self.model, self.arch, self.tokenizer = loaded.model, loaded.arch, loaded.tokenizer
+        self.dtype = self.model.model.embed_tokens.weight.dtype
+        self.attention_backend = _resolve_backend(model_config.attention_backend, self.device, self.dtype, cache_config.block_size)
+        self.max_model_len = _resolve_max_model_len(model_config.max_model_len, self.arch.max_position_embeddings)
+        block_size = cache_config.block_size
+        layout = KVLayout(self.arch.num_layers, block_size, self.arch.num_kv_heads, self.arch.head_dim, self.dtype)
+        self.fingerprint = model_fingerprint(
+            {
+                "architecture": self.arch.architecture,
+                "weights": loaded.weights_identity,
+                "dtype": str(self.dtype),
+                "block_size": block_size,
+                "kv_layout": KV_LAYOUT,
+                "num_layers": layout.num_layers,
+                "num_kv_heads": layout.num_kv_heads,
+                "head_dim": layout.head_dim,
+            }
+        )
+        num_blocks = cache_config.num_device_blocks or self._default_num_blocks(layout)
+        self.kv_cache = PagedKVCache(layout, num_blocks, self.device)
+        self.pool = BlockPool(num_blocks, block_size, tier="device")
+        self.kv_cache_manager = KVCacheManager(
+            self.pool, BlockHasher(self.fingerprint, block_size, cache_config.hash_algorithm), cache_config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.kv_cache_manager, self.attention_backend)
+        self._subscribers: list[KVEventSubscriber] = []
+        self._request_ids = (str(i) for i in itertools.count())
+        self._requests: dict[str, Request] = {}
+        self.num_finished_requests = 0
+        self.num_generated_tokens = 0
+        self.num_steps = 0
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def validate_request(self, prompt: str | Sequence[int], params: SamplingParams, index: int | None = None) -> list[int]:
+        """The prompt's token ids, or a ValueError/TypeError naming what is wrong. Changes nothing."""
+        where = "prompt" if index is None else f"prompts[{index}]"
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params for {where} must be a rayk.SamplingParams, got {type(params).__name__}")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise TypeError(f"{where} is a string, but the model has no tokenizer.json: pass token ids")
+            token_ids = self.tokenizer.encode(prompt).ids
+        elif isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)):
+            token_ids = list(prompt)
+            for token in token_ids:
+                if isinstance(token, bool) or not isinstance(token, int):
+                    raise TypeError(f"{where} must hold ints (token ids), found {type(token).__name__} {token!r}")
+        else:
+            raise TypeError(f"{where} must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not token_ids:
+            raise ValueError(f"{where} is empty: a prompt needs at least one token")
+        vocab = self.arch.vocab_size
+        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"{where} holds token id {bad}, outside the vocabulary [0, {vocab})")
+        total = len(token_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"{where} has {len(token_ids)} tokens and max_tokens is {params.max_tokens}: {total} exceeds max_model_len {self.max_model_len}"
+            )
+        blocks = math.ceil(total / self.pool.block_size)
+        if blocks > self.pool.num_blocks:
+            raise ValueError(
+                f"{where} with max_tokens {params.max_tokens} needs {blocks} KV blocks, the pool has num_device_blocks={self.pool.num_blocks}"
+            )
+        return token_ids
+
+    def add_request(self, prompt: str | Sequence[int], params: SamplingParams, *, cache_salt: str | None = None, request_id: str | None = None) -> str:
+        token_ids = self.validate_request(prompt, params)
+        return self.add_validated_request(token_ids, params, cache_salt=cache_salt, request_id=request_id)
+
+    def add_validated_request(self, token_ids: list[int], params: SamplingParams, *, cache_salt: str | None = None, request_id: str | None = None) -> str:
+        request_id = request_id if request_id is not None else next(self._request_ids)
+        if request_id in self._requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(params.seed)
+        request = Request(request_id, token_ids, params, self.arch.eos_token_ids, cache_salt, generator=generator)
+        self._requests[request_id] = request
+        self.scheduler.add(request)
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        if self.scheduler.abort(request_id) is not None:
+            del self._requests[request_id]
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- stepping -----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one batch; returns the outputs of the requests that finished in it."""
+        batch = self.scheduler.schedule()
+        finished = []
+        if len(batch):
+            sampled = self.runner.run(batch)
+            self.num_generated_tokens += sum(t is not None for t in sampled)
+            finished = self.scheduler.update(batch, sampled)
+            self.num_steps += 1
+        self._publish_events()
+        outputs = []
+        for request in finished:
+            del self._requests[request.request_id]
+            self.num_finished_requests += 1
+            outputs.append(request.to_output(self._detokenize(request)))
+        return outputs
+
+    def subscribe(self, subscriber: KVEventSubscriber) -> None:
+        """Calls ``subscriber(events)`` after every step that stored or removed blocks."""
+        self._subscribers.append(subscriber)
+
+    def _publish_events(self) -> None:
+        events = self.pool.events.drain()
+        if events:
+            for subscriber in self._subscribers:
+                subscriber(events)
+
+    def _detokenize(self, request: Request) -> str | None:
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.decode(request.token_ids[len(request.prompt_token_ids) :], skip_special_tokens=True)
+
+    # -- introspection ------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        pool, layout, kv = self.pool, self.kv_cache.layout, self.kv_cache_manager
+        allocated_slots = pool.num_used_blocks * pool.block_size
+        return {
+            "device": str(self.device),
+            "attention_backend": self.attention_backend,
+            "device_pool": {
+                "num_blocks": pool.num_blocks,
+                "block_size": pool.block_size,
+                "used_blocks": pool.num_used_blocks,
+                "free_blocks": pool.num_free_blocks,
+                "cached_blocks": pool.num_cached_blocks,
+                "evictions": pool.num_evictions,
+                "bytes_per_token": layout.bytes_per_token,
+                "bytes_per_block": layout.bytes_per_block,
+                "total_bytes": self.kv_cache.num_bytes,
+                "unused_slots": kv.num_unused_slots,
+                "internal_fragmentation": kv.num_unused_slots / allocated_slots if allocated_slots else 0.0,
+            },
+            "prefix_cache": {
+                "query_tokens": kv.num_query_tokens,
+                "hit_tokens": kv.num_hit_tokens,
+                "hit_rate": kv.num_hit_tokens / kv.num_query_tokens if kv.num_query_tokens else 0.0,
+            },
+            "scheduler": {
+                "waiting": len(self.scheduler.waiting),
+                "running": len(self.scheduler.running),
+                "preemptions": self.scheduler.num_preemptions,
+                "steps": self.num_steps,
+            },
+            "requests": {"finished": self.num_finished_requests, "generated_tokens": self.num_generated_tokens},
+        }
+
+    def _default_num_blocks(self, layout: KVLayout) -> int:
+        cache_config = self.config.cache
+        per_sequence = math.ceil(self.max_model_len / layout.block_size)
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = int(total * cache_config.gpu_memory_utilization) - (total - free)
+        else:
+            wanted = self.config.scheduler.max_num_seqs * per_sequence * layout.bytes_per_block
+            budget = min(wanted, cache_config.cpu_kv_cache_bytes)
+        num_blocks = budget // layout.bytes_per_block
+        if num_blocks < per_sequence:
+            raise ValueError(
+                f"the KV pool would hold {num_blocks} blocks, fewer than one max_model_len sequence needs ({per_sequence}); "
+                "lower max_model_len or raise the memory budget"
+            )
+        return num_blocks
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but CUDA is not available on this machine")
+    return torch.device(device)
+
+
+def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """None keeps the checkpoint's dtype (CUDA); the CPU computes in float32 unless told otherwise."""
+    if dtype != "auto":
+        return _DTYPES[dtype]
+    return None if device.type == "cuda" else torch.float32
+
+
+def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, block_size: int) -> str:
+    problems = []
+    if device.type != "cuda" or not flash_attn_available():
+        problems.append("CUDA and the flash-attn package (pip install 'rayk[gpu]')")
+    if dtype not in (torch.float16, torch.bfloat16):
+        problems.append(f"dtype float16 or bfloat16 (got {str(dtype).removeprefix('torch.')})")
+    if block_size % FLASH_ATTN_BLOCK_SIZE_MULTIPLE:
+        problems.append(f"block_size % {FLASH_ATTN_BLOCK_SIZE_MULTIPLE} == 0 (got block_size={block_size})")
+    if backend == "auto":
+        return "torch" if problems else "flash_attn"
+    if backend == "flash_attn" and problems:
+        raise ValueError("attention_backend='flash_attn' needs " + " and ".join(problems))
+    return backend
+
+
+def _resolve_max_model_len(max_model_len: int | None, max_positions: int) -> int:
+    if max_model_len is None:
+        return max_positions
+    if max_model_len > max_positions:
+        raise ValueError(f"max_model_len must be <= the model's max_position_embeddings ({max_positions}), got {max_model_len}")
+    return max_model_len

@@ -1,0 +1,76 @@
+"""One generation request's state as it moves through the scheduler."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from rayk.outputs import RequestOutput
+from rayk.sampling_params import SamplingParams
+
+
+@dataclass(eq=False)
+class Request:
+    """``token_ids`` is the prompt followed by the tokens generated so far.
+
+    ``num_computed_tokens`` of them have KV in the cache; the rest are computed in coming steps.
+    Preemption resets it to 0 (the request is recomputed, usually from its own cached blocks).
+    ``num_cached_tokens`` is the prefix-cache hit at first admission.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: tuple[int, ...] = ()
+    cache_salt: str | None = None
+    arrival_time: float = field(default_factory=time.perf_counter)
+    generator: torch.Generator | None = None
+    token_ids: list[int] = field(init=False)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    finish_reason: str | None = None
+
+    def __post_init__(self):
+        self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def append_token(self, token: int) -> None:
+        """Adds a sampled token and decides whether the request is done."""
+        now = time.perf_counter()
+        if self.first_token_time is None:
+            self.first_token_time = now
+        self.token_ids.append(token)
+        params = self.params
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
+            self.finish_reason = "stop"
+        elif self.num_output_tokens >= params.max_tokens:
+            self.finish_reason = "length"
+        if self.finish_reason is not None:
+            self.finish_time = now
+
+    def to_output(self, text: str | None) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt_token_ids=list(self.prompt_token_ids),
+            token_ids=self.token_ids[len(self.prompt_token_ids) :],
+            text=text,
+            num_cached_tokens=self.num_cached_tokens or 0,
+            finish_reason=self.finish_reason,
+            ttft_s=None if self.first_token_time is None else self.first_token_time - self.arrival_time,
+            latency_s=None if self.finish_time is None else self.finish_time - self.arrival_time,
+        )

@@ -1,0 +1,102 @@
+"""``rayk.LLM``: offline batch generation in one process, shaped like vLLM's ``LLM``."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from rayk.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from rayk.engine.llm_engine import LLMEngine
+from rayk.outputs import RequestOutput
+from rayk.sampling_params import SamplingParams
+
+_CACHE_OPTIONS = tuple(f.name for f in dataclasses.fields(CacheConfig) if f.name not in ("block_size", "num_device_blocks"))
+_SCHEDULER_OPTIONS = ("max_num_batched_tokens",)
+_MODEL_OPTIONS = ("attention_backend",)
+
+
+class LLM:
+    """Loads a model and serves ``generate`` calls through the paged, prefix-cached engine.
+
+    Extra keyword options: ``enable_prefix_caching``, ``hash_algorithm``,
+    ``gpu_memory_utilization``, ``cpu_kv_cache_bytes``, ``max_num_batched_tokens`` and
+    ``attention_backend`` ("auto", "torch" or "flash_attn").
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        block_size: int = 16,
+        device: str = "auto",
+        dtype: str = "auto",
+        num_device_blocks: int | None = None,
+        max_model_len: int | None = None,
+        max_num_seqs: int = 64,
+        **options,
+    ):
+        unknown = sorted(set(options) - set(_CACHE_OPTIONS + _SCHEDULER_OPTIONS + _MODEL_OPTIONS))
+        if unknown:
+            raise TypeError(f"LLM got unknown option(s) {unknown}; known options: {sorted(_CACHE_OPTIONS + _SCHEDULER_OPTIONS + _MODEL_OPTIONS)}")
+        pick = lambda names: {k: v for k, v in options.items() if k in names}  # noqa: E731
+        config = EngineConfig(
+            model=ModelConfig(str(model), dtype=dtype, device=device, max_model_len=max_model_len, **pick(_MODEL_OPTIONS)),
+            cache=CacheConfig(block_size=block_size, num_device_blocks=num_device_blocks, **pick(_CACHE_OPTIONS)),
+            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, **pick(_SCHEDULER_OPTIONS)),
+        )
+        self.engine = LLMEngine(config)
+
+    def generate(
+        self,
+        prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        cache_salt: str | None = None,
+    ) -> list[RequestOutput]:
+        """Generates for every prompt; returns one finished ``RequestOutput`` per prompt, in order.
+
+        A string, or a list of ints, is one prompt; a list of those is a batch. Every prompt is
+        checked before any is queued: one bad prompt raises and none is run.
+        """
+        batch = _as_batch(prompts)
+        params = _params_for(batch, sampling_params)
+        engine = self.engine
+        token_ids = [engine.validate_request(p, sp, index=i) for i, (p, sp) in enumerate(zip(batch, params))]
+        request_ids = [engine.add_validated_request(t, sp, cache_salt=cache_salt) for t, sp in zip(token_ids, params)]
+        outputs: dict[str, RequestOutput] = {}
+        try:
+            while len(outputs) < len(request_ids):
+                for output in engine.step():
+                    outputs[output.request_id] = output
+        finally:
+            for request_id in request_ids:
+                if request_id not in outputs:
+                    engine.abort_request(request_id)
+        return [outputs[r] for r in request_ids]
+
+    def stats(self) -> dict:
+        return self.engine.stats()
+
+
+def _as_batch(prompts) -> list:
+    if isinstance(prompts, str):
+        return [prompts]
+    if not isinstance(prompts, Sequence) or isinstance(prompts, (bytes, bytearray)):
+        raise TypeError(f"prompts must be a string, a list of token ids, or a list of those; got {type(prompts).__name__}")
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty: pass at least one prompt with at least one token")
+    if all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
+        return [list(prompts)]
+    return list(prompts)
+
+
+def _params_for(batch: list, sampling_params) -> list[SamplingParams]:
+    if sampling_params is None:
+        return [SamplingParams()] * len(batch)
+    if isinstance(sampling_params, SamplingParams):
+        return [sampling_params] * len(batch)
+    if not isinstance(sampling_params, Sequence):
+        raise TypeError(f"sampling_params must be a SamplingParams or a list of them, got {type(sampling_params).__name__}")
+    if len(sampling_params) != len(batch):
+        raise ValueError(f"got {len(sampling_params)} sampling_params for {len(batch)} prompts; pass one, or one per prompt")
+    return list(sampling_params)

@@ -1,0 +1,168 @@
+"""Attention over the paged KV cache, for a flattened batch of sequences.
+
+A step's batch is flat: sequence ``b`` contributes ``query_lens[b]`` new tokens (a prefill chunk,
+or 1 for decode) and, after they are stored, has ``context_lens[b]`` tokens in the cache, laid out
+through its row of ``block_tables``. New tokens' K/V are written into the cache first, then every
+query attends to its sequence's cached keys causally (query ``i`` sees keys
+``0 .. context_len - query_len + i``).
+
+Two backends give the same numbers:
+
+* ``flash_attn``: ``flash_attn_varlen_func(..., block_table=)`` when any sequence has several new
+  tokens, ``flash_attn_with_kvcache(..., block_table=)`` for pure decode. CUDA only; flash-attn 2
+  needs ``block_size % 256 == 0`` for paged KV.
+* ``torch``: gathers each sequence's keys through the block table and calls
+  ``scaled_dot_product_attention`` once for the whole padded batch. The gather indices and mask
+  are built once per step (``TorchAttentionPlan``) and shared by every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from rayk.model.store_kvcache import store_kvcache
+
+FLASH_ATTN_BLOCK_SIZE_MULTIPLE = 256
+
+
+def flash_attn_available() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@dataclass
+class TorchAttentionPlan:
+    key_slots: torch.Tensor  # [batch, max_context_len] cache slots; padding points at slot 0
+    query_rows: torch.Tensor | None  # [tokens] row of each new token in the padded batch; None if unpadded
+    mask: torch.Tensor  # [batch, 1, max_query_len, max_context_len] bool, True = attend
+
+
+@dataclass
+class AttentionMetadata:
+    backend: str
+    slot_mapping: torch.Tensor  # [tokens] int64
+    context_lens: torch.Tensor  # [batch] int32
+    cu_query_lens: torch.Tensor  # [batch + 1] int32
+    cu_context_lens: torch.Tensor  # [batch + 1] int32
+    block_tables: torch.Tensor  # [batch, max_blocks] int32, padded with 0
+    max_query_len: int
+    max_context_len: int
+    torch_plan: TorchAttentionPlan | None = None
+
+
+def build_attention_metadata(
+    query_lens: list[int],
+    context_lens: list[int],
+    block_tables: list[list[int]],
+    block_size: int,
+    device: torch.device,
+    backend: str,
+) -> AttentionMetadata:
+    """Everything attention needs for one step; host lists in, device tensors out."""
+    batch = len(query_lens)
+    max_blocks = max(len(t) for t in block_tables)
+    table = torch.zeros((batch, max_blocks), dtype=torch.int32)
+    for b, blocks in enumerate(block_tables):
+        table[b, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+    q_lens = torch.tensor(query_lens, dtype=torch.int32)
+    ctx_lens = torch.tensor(context_lens, dtype=torch.int32)
+    # Slots of the new tokens: positions context_len - query_len .. context_len - 1 of each sequence.
+    positions = torch.cat([torch.arange(c - q, c) for q, c in zip(query_lens, context_lens)])
+    owners = torch.repeat_interleave(torch.arange(batch), q_lens)
+    slot_mapping = table[owners, positions // block_size].long() * block_size + positions % block_size
+    max_query_len, max_context_len = max(query_lens), max(context_lens)
+    plan = None
+    if backend == "torch":
+        plan = _torch_plan(table.long(), q_lens, ctx_lens, max_query_len, max_context_len, block_size, device)
+    return AttentionMetadata(
+        backend=backend,
+        slot_mapping=slot_mapping.to(device),
+        context_lens=ctx_lens.to(device),
+        cu_query_lens=F.pad(q_lens.cumsum(0, dtype=torch.int32), (1, 0)).to(device),
+        cu_context_lens=F.pad(ctx_lens.cumsum(0, dtype=torch.int32), (1, 0)).to(device),
+        block_tables=table.to(device),
+        max_query_len=max_query_len,
+        max_context_len=max_context_len,
+        torch_plan=plan,
+    )
+
+
+def _torch_plan(table, q_lens, ctx_lens, max_q, max_k, block_size, device) -> TorchAttentionPlan:
+    batch = table.shape[0]
+    key_pos = torch.arange(max_k)
+    key_slots = table[:, key_pos // block_size] * block_size + key_pos % block_size
+    key_valid = key_pos[None, :] < ctx_lens[:, None]
+    key_slots = torch.where(key_valid, key_slots, 0)
+    query_pos = torch.arange(max_q)
+    # The last key query i may see: causal within the sequence, and never past its context.
+    last_key = (ctx_lens - q_lens)[:, None] + query_pos[None, :]
+    mask = (key_pos[None, None, :] <= last_key[:, :, None]) & key_valid[:, None, :]
+    query_rows = None
+    if max_q > 1 or batch != int(q_lens.sum()):
+        owners = torch.repeat_interleave(torch.arange(batch), q_lens)
+        starts = F.pad(q_lens.cumsum(0), (1, 0))[:-1]
+        query_rows = owners * max_q + torch.arange(int(q_lens.sum())) - starts[owners]
+        query_rows = query_rows.to(device)
+    return TorchAttentionPlan(key_slots.to(device), query_rows, mask[:, None].to(device))
+
+
+def paged_attention(q, k, v, key_cache, value_cache, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Stores ``k``/``v`` ([tokens, kv_heads, dim]) and returns attention of ``q`` ([tokens, heads, dim])."""
+    store_kvcache(k, v, key_cache, value_cache, metadata.slot_mapping)
+    if metadata.backend == "flash_attn":
+        return _flash_attention(q, key_cache, value_cache, metadata, scale)
+    return _torch_attention(q, key_cache, value_cache, metadata.torch_plan, scale)
+
+
+def _torch_attention(q, key_cache, value_cache, plan: TorchAttentionPlan, scale: float) -> torch.Tensor:
+    tokens, heads, dim = q.shape
+    batch, max_k = plan.key_slots.shape
+    max_q = plan.mask.shape[2]
+    kv_heads = key_cache.shape[2]
+    keys = key_cache.view(-1, kv_heads, dim)[plan.key_slots].transpose(1, 2)
+    values = value_cache.view(-1, kv_heads, dim)[plan.key_slots].transpose(1, 2)
+    if plan.query_rows is None:
+        queries = q.view(batch, 1, heads, dim)
+    else:
+        queries = q.new_zeros((batch * max_q, heads, dim))
+        queries[plan.query_rows] = q
+        queries = queries.view(batch, max_q, heads, dim)
+    out = F.scaled_dot_product_attention(
+        queries.transpose(1, 2), keys, values, attn_mask=plan.mask, scale=scale, enable_gqa=heads != kv_heads
+    )
+    out = out.transpose(1, 2).reshape(batch * max_q, heads, dim)
+    return out if plan.query_rows is None else out[plan.query_rows]
+
+
+def _flash_attention(q, key_cache, value_cache, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+    from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
+
+    if metadata.max_query_len == 1:
+        out = flash_attn_with_kvcache(
+            q.unsqueeze(1),
+            key_cache,
+            value_cache,
+            cache_seqlens=metadata.context_lens,
+            block_table=metadata.block_tables,
+            softmax_scale=scale,
+            causal=True,
+        )
+        return out.squeeze(1)
+    return flash_attn_varlen_func(
+        q,
+        key_cache,
+        value_cache,
+        cu_seqlens_q=metadata.cu_query_lens,
+        cu_seqlens_k=metadata.cu_context_lens,
+        max_seqlen_q=metadata.max_query_len,
+        max_seqlen_k=metadata.max_context_len,
+        softmax_scale=scale,
+        causal=True,
+        block_table=metadata.block_tables,
+    )

@@ -1,0 +1,150 @@
+"""Loading a decoder from a local Hugging Face directory: config.json + safetensors (sharded too).
+
+Every tensor the architecture needs is checked against the shape config.json implies before any
+weight is used, so a checkpoint that does not match its config fails with the tensor's name and
+both shapes. The checkpoint's separate q/k/v and gate/up weights are concatenated into the
+decoder's fused projections.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import xxhash
+from safetensors import safe_open
+from tokenizers import Tokenizer
+
+from rayk.model.architecture import DecoderArchitecture
+from rayk.model.decoder import CausalLM
+
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_FUSED_PARTS = ("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.", "mlp.gate_proj.", "mlp.up_proj.")
+_IDENTITY_WINDOWS = 8
+_IDENTITY_WINDOW_BYTES = 64 << 10
+
+
+@dataclass
+class LoadedModel:
+    model: CausalLM
+    arch: DecoderArchitecture
+    tokenizer: Tokenizer | None
+    weights_identity: str
+
+
+def load_model(path: str | Path, dtype: torch.dtype | None, device: torch.device) -> LoadedModel:
+    """Loads weights in ``dtype`` (None: the checkpoint's own) onto ``device``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"model directory {str(path)!r} does not exist")
+    arch = DecoderArchitecture.from_directory(path)
+    dtype = dtype or arch.torch_dtype
+    files = _safetensors_files(path)
+    expected = expected_tensor_shapes(arch)
+    tensors = _read_checked_tensors(files, expected, arch, dtype)
+    with torch.device("meta"):
+        model = CausalLM(arch)
+    model.load_state_dict(_fuse(tensors, arch), strict=True, assign=True)
+    model = model.to(device).eval()
+    tokenizer_file = path / "tokenizer.json"
+    tokenizer = Tokenizer.from_file(str(tokenizer_file)) if tokenizer_file.is_file() else None
+    return LoadedModel(model, arch, tokenizer, weights_identity(files))
+
+
+def expected_tensor_shapes(arch: DecoderArchitecture) -> dict[str, tuple[int, ...]]:
+    """Checkpoint tensor names (Hugging Face naming) and the shapes config.json implies."""
+    h, q, kv, ffn = arch.hidden_size, arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim, arch.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (arch.vocab_size, h), "model.norm.weight": (h,)}
+    if not arch.tie_word_embeddings:
+        shapes["lm_head.weight"] = (arch.vocab_size, h)
+    for i in range(arch.num_layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (q, h),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.o_proj.weight": (h, q),
+            p + "mlp.gate_proj.weight": (ffn, h),
+            p + "mlp.up_proj.weight": (ffn, h),
+            p + "mlp.down_proj.weight": (h, ffn),
+        }
+        if arch.attention_bias:
+            shapes |= {p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,), p + "self_attn.v_proj.bias": (kv,), p + "self_attn.o_proj.bias": (h,)}
+        if arch.mlp_bias:
+            shapes |= {p + "mlp.gate_proj.bias": (ffn,), p + "mlp.up_proj.bias": (ffn,), p + "mlp.down_proj.bias": (h,)}
+        if arch.qk_norm:
+            shapes |= {p + "self_attn.q_norm.weight": (arch.head_dim,), p + "self_attn.k_norm.weight": (arch.head_dim,)}
+    return shapes
+
+
+def weights_identity(files: list[Path]) -> str:
+    """A cheap identity of the weight files: names, sizes, headers and sampled windows of bytes.
+
+    Reading whole multi-GB files at every start would cost seconds; headers pin names, dtypes and
+    shapes, and evenly spaced windows tell apart checkpoints of the same shapes.
+    """
+    digest = xxhash.xxh3_128()
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}:".encode())
+        with file.open("rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            digest.update(f.read(min(header_len, size - 8)))
+            for i in range(_IDENTITY_WINDOWS):
+                f.seek(size * i // _IDENTITY_WINDOWS)
+                digest.update(f.read(_IDENTITY_WINDOW_BYTES))
+    return digest.hexdigest()
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted({path / name for name in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ValueError(f"model.safetensors.index.json names shards that are missing: {missing}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"model directory {str(path)!r} has no *.safetensors weights")
+    return files
+
+
+def _read_checked_tensors(files, expected, arch, dtype) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            handle = safe_open(str(file), framework="pt")
+        except Exception as error:
+            raise ValueError(f"cannot read weights file {file.name}: {error}") from None
+        with handle:
+            for name in handle.keys():
+                if name.endswith(_IGNORED_SUFFIXES) or (arch.tie_word_embeddings and name == "lm_head.weight"):
+                    continue
+                if name not in expected:
+                    raise ValueError(f"weights do not match config.json: unexpected tensor {name!r} in {file.name}")
+                shape = tuple(handle.get_slice(name).get_shape())
+                if shape != expected[name]:
+                    raise ValueError(f"weights do not match config.json: {name} has shape {shape}, config.json implies {expected[name]}")
+                tensors[name] = handle.get_tensor(name).to(dtype)
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise ValueError(f"weights do not match config.json: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return tensors
+
+
+def _fuse(tensors: dict[str, torch.Tensor], arch: DecoderArchitecture) -> dict[str, torch.Tensor]:
+    """Hugging Face names to the decoder's, concatenating q/k/v and gate/up."""
+    fused = {name: t for name, t in tensors.items() if not any(part in name for part in _FUSED_PARTS)}
+    for i in range(arch.num_layers):
+        p = f"model.layers.{i}."
+        for kind in ["weight"] + (["bias"] if arch.attention_bias else []):
+            fused[p + f"self_attn.qkv_proj.{kind}"] = torch.cat([tensors[p + f"self_attn.{x}_proj.{kind}"] for x in "qkv"])
+        for kind in ["weight"] + (["bias"] if arch.mlp_bias else []):
+            fused[p + f"mlp.gate_up_proj.{kind}"] = torch.cat([tensors[p + f"mlp.{x}_proj.{kind}"] for x in ("gate", "up")])
+    return fused

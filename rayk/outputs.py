@@ -1,0 +1,28 @@
+"""What a finished request returns (vLLM's ``RequestOutput``, flattened to one completion)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class RequestOutput:
+    """One request's result.
+
+    ``num_cached_tokens`` counts prompt tokens served from the prefix cache (whole blocks) rather
+    than computed. ``finish_reason`` is "stop" (EOS or a stop token) or "length" (max_tokens).
+    ``ttft_s`` is seconds from arrival to the first generated token; ``latency_s`` to the last.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str | None
+    num_cached_tokens: int
+    finish_reason: str | None
+    ttft_s: float | None
+    latency_s: float | None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

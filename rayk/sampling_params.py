@@ -1,0 +1,54 @@
+"""How to sample one request's tokens (vLLM's ``SamplingParams``, the subset rayk serves)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """``temperature`` 0 is greedy. ``top_k`` -1 (or 0) keeps every token; ``top_p`` is in (0, 1].
+
+    ``seed`` makes a request's sampling reproducible on its own, whatever it is batched with.
+    Generation stops at ``max_tokens`` new tokens, at any of ``stop_token_ids``, or at the
+    model's end-of-sequence token unless ``ignore_eos``.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_tokens: int = 64
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
+            raise TypeError(f"temperature must be a number, got {type(self.temperature).__name__}")
+        if math.isnan(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)):
+            raise TypeError(f"top_p must be a number, got {type(self.top_p).__name__}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
+            raise TypeError(f"top_k must be an int, got {type(self.top_k).__name__}")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be -1 (all tokens) or >= 0, got {self.top_k}")
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
+            raise TypeError(f"max_tokens must be an int, got {type(self.max_tokens).__name__}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise TypeError(f"seed must be an int or None, got {type(self.seed).__name__}")
+        stop = self.stop_token_ids
+        if isinstance(stop, (str, bytes)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in stop):
+            raise TypeError(f"stop_token_ids must be a sequence of ints, got {stop!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(stop))
+        if not isinstance(self.ignore_eos, bool):
+            raise TypeError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
