@@ -1,0 +1,155 @@
+"""Bad input gets a clear error naming what is wrong, changes nothing, and the engine keeps serving."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+
+import rayk
+from tests.conftest import VOCAB_SIZE, hf_greedy
+
+GREEDY = rayk.SamplingParams(temperature=0, max_tokens=4)
+GOOD_PROMPT = [1, 2, 3, 4, 5]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama_dir):
+    return rayk.LLM(tiny_llama_dir, max_model_len=64)
+
+
+@pytest.fixture(scope="module")
+def good_reference(tiny_llama_dir):
+    return hf_greedy(tiny_llama_dir, [GOOD_PROMPT], 4)[0]
+
+
+@pytest.mark.parametrize(
+    "prompts, params, error, match",
+    [
+        ([[-1, 2]], GREEDY, ValueError, r"prompts\[0\] holds token id -1, outside the vocabulary \[0, 320\)"),
+        ([GOOD_PROMPT, [VOCAB_SIZE]], GREEDY, ValueError, r"prompts\[1\] holds token id 320"),
+        ([[]], GREEDY, ValueError, r"prompts\[0\] is empty"),
+        ([], GREEDY, ValueError, "prompts is empty"),
+        ("", GREEDY, ValueError, r"prompts\[0\] is empty"),
+        ([list(range(61))], GREEDY, ValueError, "has 61 tokens and max_tokens is 4: 65 exceeds max_model_len 64"),
+        (42, GREEDY, TypeError, "prompts must be a string, a list of token ids"),
+        ([[1.5, 2]], GREEDY, TypeError, r"prompts\[0\] must hold ints"),
+        ([{"text": "hi"}], GREEDY, TypeError, r"prompts\[0\] must be a string or a list of token ids, got dict"),
+        ([GOOD_PROMPT], [GREEDY, GREEDY], ValueError, "got 2 sampling_params for 1 prompts"),
+        ([GOOD_PROMPT], {"temperature": 0}, TypeError, "sampling_params must be a SamplingParams"),
+    ],
+)
+def test_bad_prompts_are_refused_and_the_engine_keeps_serving(llm, good_reference, prompts, params, error, match):
+    with pytest.raises(error, match=match):
+        llm.generate(prompts, params)
+    assert not llm.engine.has_unfinished_requests()
+    llm.engine.kv_cache_manager.check_invariants()
+    assert llm.generate(GOOD_PROMPT, GREEDY)[0].token_ids == good_reference
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"max_tokens": 0}, ValueError, "max_tokens must be >= 1, got 0"),
+        ({"max_tokens": 2.5}, TypeError, "max_tokens must be an int"),
+        ({"temperature": -0.1}, ValueError, "temperature must be >= 0"),
+        ({"temperature": math.nan}, ValueError, "temperature must be >= 0 .* got nan"),
+        ({"top_p": 0.0}, ValueError, r"top_p must be in \(0, 1\], got 0.0"),
+        ({"top_p": 1.5}, ValueError, r"top_p must be in \(0, 1\], got 1.5"),
+        ({"top_k": -2}, ValueError, "top_k must be -1"),
+        ({"stop_token_ids": "ab"}, TypeError, "stop_token_ids must be a sequence of ints"),
+        ({"seed": "7"}, TypeError, "seed must be an int"),
+    ],
+)
+def test_bad_sampling_params_are_refused(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        rayk.SamplingParams(**kwargs)
+
+
+def test_a_prompt_that_cannot_fit_the_pool_is_refused_up_front(tiny_llama_dir):
+    llm = rayk.LLM(tiny_llama_dir, num_device_blocks=2, block_size=4)
+    with pytest.raises(ValueError, match="needs 3 KV blocks, the pool has num_device_blocks=2"):
+        llm.generate([GOOD_PROMPT], rayk.SamplingParams(temperature=0, max_tokens=6))
+    assert len(llm.generate([GOOD_PROMPT], rayk.SamplingParams(temperature=0, max_tokens=3))[0].token_ids) == 3
+
+
+def test_one_bad_prompt_in_a_batch_queues_none_of_them(llm):
+    finished_before = llm.stats()["requests"]["finished"]
+    with pytest.raises(ValueError):
+        llm.generate([GOOD_PROMPT, [1, -5]], GREEDY)
+    assert llm.stats()["requests"]["finished"] == finished_before
+    assert llm.stats()["scheduler"]["waiting"] == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"block_size": 0}, ValueError, "CacheConfig.block_size must be >= 1"),
+        ({"num_device_blocks": -3}, ValueError, "CacheConfig.num_device_blocks must be >= 1"),
+        ({"max_num_seqs": 0}, ValueError, "SchedulerConfig.max_num_seqs must be >= 1"),
+        ({"dtype": "float8"}, ValueError, "ModelConfig.dtype must be one of"),
+        ({"device": "tpu"}, ValueError, "ModelConfig.device must be"),
+        ({"max_model_len": 100_000}, ValueError, "max_model_len must be <= the model's max_position_embeddings"),
+        ({"hash_algorithm": "md5"}, ValueError, "CacheConfig.hash_algorithm must be one of"),
+        ({"attention_backend": "flash_attn"}, ValueError, "attention_backend='flash_attn' needs CUDA"),
+        ({"colour": "blue"}, TypeError, r"unknown option\(s\) \['colour'\]"),
+    ],
+)
+def test_bad_engine_options_name_the_field(tiny_llama_dir, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        rayk.LLM(tiny_llama_dir, **kwargs)
+
+
+def test_a_missing_model_directory_is_named(tmp_path):
+    with pytest.raises(ValueError, match="model directory .*nowhere.* does not exist"):
+        rayk.LLM(str(tmp_path / "nowhere"))
+
+
+def test_an_unsupported_architecture_is_named(tiny_llama_dir, tmp_path):
+    shutil.copytree(tiny_llama_dir, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["architectures"] = ["MambaForCausalLM"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="unsupported architecture 'MambaForCausalLM'"):
+        rayk.LLM(str(tmp_path / "m"))
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("hidden_size", 96, r"(lm_head|model.embed_tokens).weight has shape \(320, 64\), config.json implies \(320, 96\)"),
+        ("num_hidden_layers", 2, "unexpected tensor 'model.layers.2"),
+        ("num_hidden_layers", 4, "missing tensors .*model.layers.3"),
+        ("num_key_value_heads", 4, r"k_proj.weight has shape \(32, 64\), config.json implies \(64, 64\)"),
+    ],
+)
+def test_weights_that_do_not_match_config_are_named(tiny_llama_dir, tmp_path, field, value, match):
+    shutil.copytree(tiny_llama_dir, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config[field] = value
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=match):
+        rayk.LLM(str(tmp_path / "m"))
+
+
+def test_a_directory_without_weights_is_named(tiny_llama_dir, tmp_path):
+    (tmp_path / "m").mkdir()
+    shutil.copy(tiny_llama_dir / "config.json", tmp_path / "m" / "config.json")
+    with pytest.raises(ValueError, match=r"has no \*.safetensors weights"):
+        rayk.LLM(str(tmp_path / "m"))
+
+
+def test_a_corrupt_weights_file_is_named(tiny_llama_dir, tmp_path):
+    shutil.copytree(tiny_llama_dir, tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00garbage")
+    with pytest.raises(ValueError, match="cannot read weights file model.safetensors"):
+        rayk.LLM(str(tmp_path / "m"))
+
+
+def test_string_prompt_without_tokenizer_asks_for_token_ids(tiny_qwen3_dir):
+    llm = rayk.LLM(tiny_qwen3_dir, max_model_len=64)
+    with pytest.raises(TypeError, match="no tokenizer.json: pass token ids"):
+        llm.generate("hello", GREEDY)
+    assert len(llm.generate(GOOD_PROMPT, GREEDY)[0].token_ids) == 4
