@@ -20,18 +20,36 @@ parent key before it serves it.
 from __future__ import annotations
 
 import hashlib
+import sys
+from array import array
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import msgpack
-import numpy as np
 import xxhash
 
 HashAlgorithm = Literal["xxh3_128", "sha256"]
 HASH_ALGORITHMS: tuple[str, ...] = ("xxh3_128", "sha256")
 BlockHash = bytes
 
-_TOKEN_DTYPE = np.dtype("<u4")
+TOKEN_BYTES = 4
+assert array("I").itemsize == TOKEN_BYTES, "rayk needs a 4-byte unsigned int array type"
+
+
+def token_bytes(token_ids: Sequence[int]) -> bytes:
+    """Token ids as little-endian uint32 bytes: the encoding that keys and stored blocks use."""
+    data = array("I", token_ids)
+    if sys.byteorder != "little":
+        data.byteswap()
+    return data.tobytes()
+
+
+def token_ids_from_bytes(data: bytes | bytearray) -> list[int]:
+    """The inverse of ``token_bytes``."""
+    ids = array("I", bytes(data))
+    if sys.byteorder != "little":
+        ids.byteswap()
+    return ids.tolist()
 
 
 def model_fingerprint(fields: Mapping[str, object]) -> bytes:
@@ -54,15 +72,16 @@ class BlockHasher:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.fingerprint = fingerprint
         self.block_size = block_size
+        self.block_bytes = block_size * TOKEN_BYTES
         self.algorithm = algorithm
-        if algorithm == "xxh3_128":
-            seed = int.from_bytes(fingerprint[:8], "little")
-            self.hash_size = 16
-            self._digest = lambda data: xxhash.xxh3_128_digest(data, seed)
-        else:
-            self.hash_size = 32
-            self._digest = lambda data: hashlib.sha256(fingerprint + data).digest()
+        self.seed = int.from_bytes(fingerprint[:8], "little")
+        self.hash_size = 16 if algorithm == "xxh3_128" else 32
         self.empty_root: BlockHash = bytes(self.hash_size)
+
+    def digest(self, data: bytes) -> BlockHash:
+        if self.algorithm == "xxh3_128":
+            return xxhash.xxh3_128_digest(data, self.seed)
+        return hashlib.sha256(self.fingerprint + data).digest()
 
     def root(self, cache_salt: str | bytes | None = None) -> BlockHash:
         """The parent key of a request's first block; salted requests never share keys with others."""
@@ -70,30 +89,35 @@ class BlockHasher:
             return self.empty_root
         if isinstance(cache_salt, str):
             cache_salt = cache_salt.encode()
-        return self._digest(b"salt:" + cache_salt)
+        return self.digest(b"salt:" + cache_salt)
 
-    def extend(self, block_hashes: list[BlockHash], token_ids: Sequence[int], root: BlockHash) -> None:
-        """Appends the keys of the full blocks of ``token_ids`` that ``block_hashes`` lacks.
+    def extend(self, block_hashes: list[BlockHash], data: bytes | bytearray, root: BlockHash) -> None:
+        """Appends the keys of the full blocks of ``data`` (``token_bytes``) that ``block_hashes`` lacks.
 
         ``block_hashes`` holds the keys of the first blocks already; it grows in place, so a
         request hashes each of its blocks once as it grows.
         """
-        bs = self.block_size
-        start = len(block_hashes)
-        num_full = len(token_ids) // bs
-        if num_full <= start:
+        step = self.block_bytes
+        start = len(block_hashes) * step
+        end = len(data) // step * step
+        if end <= start:
             return
-        data = np.asarray(token_ids[start * bs : num_full * bs], dtype=_TOKEN_DTYPE).tobytes()
         parent = block_hashes[-1] if block_hashes else root
-        digest = self._digest
-        step = bs * _TOKEN_DTYPE.itemsize
+        view = memoryview(data)
         append = block_hashes.append
-        for offset in range(0, len(data), step):
-            parent = digest(parent + data[offset : offset + step])
-            append(parent)
+        if self.algorithm == "xxh3_128":
+            # The hot loop: one concatenation and one C call per block, nothing looked up.
+            digest, seed = xxhash.xxh3_128_digest, self.seed
+            for offset in range(start, end, step):
+                parent = digest(parent + view[offset : offset + step], seed)
+                append(parent)
+        else:
+            for offset in range(start, end, step):
+                parent = self.digest(parent + view[offset : offset + step])
+                append(parent)
 
     def hash_blocks(self, token_ids: Sequence[int], cache_salt: str | bytes | None = None) -> list[BlockHash]:
         """The keys of every full block of ``token_ids``."""
         block_hashes: list[BlockHash] = []
-        self.extend(block_hashes, token_ids, self.root(cache_salt))
+        self.extend(block_hashes, token_bytes(token_ids), self.root(cache_salt))
         return block_hashes

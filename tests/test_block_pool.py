@@ -10,7 +10,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from rayk.cache.block_pool import BlockPool
 from rayk.cache.events import BlocksRemoved, BlocksStored
 from rayk.cache.kv_cache_manager import KVCacheManager
-from rayk.hashing import BlockHasher
+from rayk.hashing import BlockHasher, token_bytes
 
 
 def _key(i: int) -> bytes:
@@ -28,10 +28,10 @@ def test_fresh_pool_hands_out_low_ids_first_and_keeps_invariants():
 def test_freed_blocks_join_the_tail_and_keep_their_key_until_reallocated():
     pool = BlockPool(4, 2)
     blocks = pool.allocate(4)
-    pool.cache_block(blocks[0], _key(1), bytes(16), [7, 8])
+    pool.cache_block(blocks[0], _key(1), bytes(16), token_bytes([7, 8]))
     pool.free(reversed(blocks))
     assert pool.free_queue() == [3, 2, 1, 0]
-    assert pool.lookup(_key(1), bytes(16), [7, 8]) == 0
+    assert pool.lookup(_key(1), bytes(16), token_bytes([7, 8])) == 0
     assert pool.allocate(3) == [3, 2, 1]
     assert pool.num_cached_blocks == 1 and pool.num_evictions == 0
     assert pool.allocate(1) == [0]
@@ -54,17 +54,17 @@ def test_touching_a_free_cached_block_takes_it_out_of_the_middle_of_the_queue():
 def test_lookup_confirms_tokens_and_parent_so_a_colliding_key_is_never_served():
     pool = BlockPool(2, 2)
     [block] = pool.allocate(1)
-    pool.cache_block(block, _key(5), _key(4), [1, 2])
-    assert pool.lookup(_key(5), _key(4), [1, 2]) == block
-    assert pool.lookup(_key(5), _key(4), [1, 3]) is None
-    assert pool.lookup(_key(5), _key(9), [1, 2]) is None
+    pool.cache_block(block, _key(5), _key(4), token_bytes([1, 2]))
+    assert pool.lookup(_key(5), _key(4), token_bytes([1, 2])) == block
+    assert pool.lookup(_key(5), _key(4), token_bytes([1, 3])) is None
+    assert pool.lookup(_key(5), _key(9), token_bytes([1, 2])) is None
 
 
 def test_a_key_already_cached_is_not_taken_by_a_second_block():
     pool = BlockPool(2, 1)
     a, b = pool.allocate(2)
-    assert pool.cache_block(a, _key(1), bytes(16), [3])
-    assert not pool.cache_block(b, _key(1), bytes(16), [3])
+    assert pool.cache_block(a, _key(1), bytes(16), token_bytes([3]))
+    assert not pool.cache_block(b, _key(1), bytes(16), token_bytes([3]))
     assert pool.cached == {_key(1): a}
     pool.check_invariants()
 
@@ -78,8 +78,8 @@ def test_allocating_more_than_is_free_is_refused():
 def test_evict_drops_keys_of_free_blocks_only():
     pool = BlockPool(2, 1)
     a, b = pool.allocate(2)
-    pool.cache_block(a, _key(1), bytes(16), [1])
-    pool.cache_block(b, _key(2), bytes(16), [2])
+    pool.cache_block(a, _key(1), bytes(16), token_bytes([1]))
+    pool.cache_block(b, _key(2), bytes(16), token_bytes([2]))
     pool.free([a])
     assert pool.evict([_key(1), _key(2), _key(3)]) == 1
     assert list(pool.cached) == [_key(2)]
@@ -89,10 +89,10 @@ def test_evict_drops_keys_of_free_blocks_only():
 def test_events_keep_order_and_batch_runs():
     pool = BlockPool(1, 1)
     [a] = pool.allocate(1)
-    pool.cache_block(a, _key(1), bytes(16), [1])
+    pool.cache_block(a, _key(1), bytes(16), token_bytes([1]))
     pool.free([a])
     [a] = pool.allocate(1)
-    pool.cache_block(a, _key(2), bytes(16), [2])
+    pool.cache_block(a, _key(2), bytes(16), token_bytes([2]))
     assert pool.events.drain() == [
         BlocksStored("device", (_key(1),)),
         BlocksRemoved("device", (_key(1),)),
@@ -175,7 +175,7 @@ class PoolMachine(RuleBasedStateMachine):
             assert len(table) == -(-len(tokens) // bs)
             for i, block in enumerate(table[: len(tokens) // bs]):
                 if self.pool.block_hashes[block] is not None:
-                    assert self.pool.block_token_ids[block].tolist() == tokens[i * bs : (i + 1) * bs]
+                    assert self.pool.block_token_ids(block) == tokens[i * bs : (i + 1) * bs]
 
     def teardown(self):
         for request_id in list(self.live):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from rayk.hashing import BlockHasher, model_fingerprint
+from rayk.hashing import BlockHasher, model_fingerprint, token_bytes
 
 VECTORS = json.loads((Path(__file__).parent / "data" / "hash_vectors.json").read_text())
 
@@ -54,7 +54,7 @@ def test_sha256_chain_follows_its_documented_definition():
 @pytest.mark.parametrize("hash_seed", ["0", "12345"])
 def test_other_processes_with_other_hash_seeds_compute_the_same_keys(hash_seed):
     script = (
-        "import json, sys; from rayk.hashing import BlockHasher, model_fingerprint; "
+        "import json, sys; from rayk.hashing import BlockHasher, model_fingerprint, token_bytes; "
         "v = json.load(open(sys.argv[1])); "
         "h = BlockHasher(model_fingerprint(v['fingerprint_fields']), v['block_size'], 'xxh3_128'); "
         "print(','.join(x.hex() for x in h.hash_blocks(v['token_ids'], 'tenant-a')))"
@@ -82,7 +82,7 @@ def test_incremental_extension_equals_hashing_at_once():
     tokens = list(range(50))
     grown: list[bytes] = []
     for end in (3, 4, 9, 50):
-        hasher.extend(grown, tokens[:end], hasher.root())
+        hasher.extend(grown, token_bytes(tokens[:end]), hasher.root())
     assert grown == hasher.hash_blocks(tokens)
 
 

@@ -4,7 +4,7 @@ Invariants (``check_invariants`` asserts them):
 
 * Every block is either *used* (ref count > 0) or *free* (ref count 0, in the free queue), never
   both; ``num_free_blocks`` counts the free queue exactly.
-* A free block keeps its key, stored token ids and parent key until it is handed out again: the
+* A free block keeps its key, stored tokens and parent key until it is handed out again: the
   free queue doubles as the cache's eviction order (least recently freed at the head). Eviction is
   lazy: a key is dropped only when its block is reallocated, so cached data is never thrown away
   while there is still an untouched free block.
@@ -15,16 +15,17 @@ Invariants (``check_invariants`` asserts them):
 The free queue is a doubly linked list threaded through two preallocated int lists (``_next``,
 ``_prev``) with sentinels at indices ``num_blocks`` (head) and ``num_blocks + 1`` (tail), so
 popping, appending and unlinking a block from the middle are O(1) and allocate nothing.
+
+Each cached block's tokens sit in one preallocated bytearray in ``rayk.hashing.token_bytes``
+encoding, so storing them is a slice copy and confirming a hit is a memcmp.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-
-import numpy as np
+from collections.abc import Iterable
 
 from rayk.cache.events import EventBuffer
-from rayk.hashing import BlockHash
+from rayk.hashing import TOKEN_BYTES, BlockHash, token_ids_from_bytes
 
 
 class BlockPool:
@@ -41,7 +42,8 @@ class BlockPool:
         self.ref_counts: list[int] = [0] * num_blocks
         self.block_hashes: list[BlockHash | None] = [None] * num_blocks
         self.parent_hashes: list[BlockHash | None] = [None] * num_blocks
-        self.block_token_ids = np.zeros((num_blocks, block_size), dtype=np.int64)
+        self.block_bytes = block_size * TOKEN_BYTES
+        self._token_bytes = bytearray(num_blocks * self.block_bytes)
         self.cached: dict[BlockHash, int] = {}
         self._head = num_blocks
         self._tail = num_blocks + 1
@@ -104,23 +106,28 @@ class BlockPool:
 
     # -- the key map --------------------------------------------------------------------------
 
-    def cache_block(self, block: int, block_hash: BlockHash, parent_hash: BlockHash, token_ids: Sequence[int]) -> bool:
-        """Publishes a full, computed block under ``block_hash``; False if the key was taken."""
+    def cache_block(self, block: int, block_hash: BlockHash, parent_hash: BlockHash, tokens: bytes) -> bool:
+        """Publishes a full, computed block under ``block_hash``; False if the key was taken.
+
+        ``tokens`` is the block's ``token_bytes``.
+        """
         if block_hash in self.cached or self.block_hashes[block] is not None:
             return False
         self.cached[block_hash] = block
         self.block_hashes[block] = block_hash
         self.parent_hashes[block] = parent_hash
-        self.block_token_ids[block] = token_ids
+        offset = block * self.block_bytes
+        self._token_bytes[offset : offset + self.block_bytes] = tokens
         self.events.stored(block_hash)
         return True
 
-    def lookup(self, block_hash: BlockHash, parent_hash: BlockHash, token_ids: Sequence[int]) -> int | None:
-        """The block cached under ``block_hash``, confirmed against its parent key and tokens."""
+    def lookup(self, block_hash: BlockHash, parent_hash: BlockHash, tokens: bytes) -> int | None:
+        """The block cached under ``block_hash``, confirmed against its parent key and ``token_bytes``."""
         block = self.cached.get(block_hash)
-        if block is None:
+        if block is None or self.parent_hashes[block] != parent_hash:
             return None
-        if self.parent_hashes[block] != parent_hash or self.block_token_ids[block].tolist() != list(token_ids):
+        offset = block * self.block_bytes
+        if self._token_bytes[offset : offset + self.block_bytes] != tokens:
             return None
         return block
 
@@ -143,6 +150,11 @@ class BlockPool:
         self.events.removed(block_hash)
 
     # -- introspection ------------------------------------------------------------------------
+
+    def block_token_ids(self, block: int) -> list[int]:
+        """The token ids stored with a cached block."""
+        offset = block * self.block_bytes
+        return token_ids_from_bytes(self._token_bytes[offset : offset + self.block_bytes])
 
     @property
     def num_used_blocks(self) -> int:

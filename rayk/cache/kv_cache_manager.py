@@ -16,12 +16,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from rayk.cache.block_pool import BlockPool
-from rayk.hashing import BlockHash, BlockHasher
+from rayk.hashing import TOKEN_BYTES, BlockHash, BlockHasher, token_bytes
 
 
 @dataclass
 class _RequestBlocks:
     root: BlockHash
+    token_bytes: bytearray = field(default_factory=bytearray)  # the request's tokens, grown as they come
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[BlockHash] = field(default_factory=list)
     num_published_blocks: int = 0
@@ -63,18 +64,19 @@ class KVCacheManager:
         assert not state.block_ids, f"request {request_id} already holds blocks"
         if not self.enable_prefix_caching:
             return PrefixHit((), 0, len(token_ids))
-        self.hasher.extend(state.block_hashes, token_ids, state.root)
+        _sync_token_bytes(state, token_ids)
+        self.hasher.extend(state.block_hashes, state.token_bytes, state.root)
         max_blocks = (len(token_ids) - 1) // self.block_size
         hits = []
         parent = state.root
-        bs = self.block_size
+        step = self.hasher.block_bytes
         for i, block_hash in enumerate(state.block_hashes[:max_blocks]):
-            block = self.pool.lookup(block_hash, parent, token_ids[i * bs : (i + 1) * bs])
+            block = self.pool.lookup(block_hash, parent, state.token_bytes[i * step : (i + 1) * step])
             if block is None:
                 break
             hits.append(block)
             parent = block_hash
-        return PrefixHit(tuple(hits), len(hits) * bs, len(token_ids))
+        return PrefixHit(tuple(hits), len(hits) * self.block_size, len(token_ids))
 
     def num_blocks_needed(self, request_id: str, num_tokens: int, hit: PrefixHit | None = None) -> int:
         """Free blocks that ``allocate_slots`` would consume to hold ``num_tokens`` tokens."""
@@ -114,11 +116,12 @@ class KVCacheManager:
         num_full = num_computed_tokens // self.block_size
         if num_full <= state.num_published_blocks:
             return
-        self.hasher.extend(state.block_hashes, token_ids[: num_full * self.block_size], state.root)
-        bs = self.block_size
+        _sync_token_bytes(state, token_ids)
+        step = self.hasher.block_bytes
+        self.hasher.extend(state.block_hashes, state.token_bytes[: num_full * step], state.root)
         for i in range(state.num_published_blocks, num_full):
             parent = state.block_hashes[i - 1] if i else state.root
-            self.pool.cache_block(state.block_ids[i], state.block_hashes[i], parent, token_ids[i * bs : (i + 1) * bs])
+            self.pool.cache_block(state.block_ids[i], state.block_hashes[i], parent, state.token_bytes[i * step : (i + 1) * step])
         state.num_published_blocks = num_full
 
     def free(self, request_id: str) -> None:
@@ -144,3 +147,10 @@ class KVCacheManager:
             for block in state.block_ids:
                 holders[block] += 1
         assert holders == self.pool.ref_counts, "ref counts disagree with the block tables"
+
+
+def _sync_token_bytes(state: _RequestBlocks, token_ids: Sequence[int]) -> None:
+    """Encodes the tokens the request gained since the last call (tokens are only appended)."""
+    known = len(state.token_bytes) // TOKEN_BYTES
+    if len(token_ids) > known:
+        state.token_bytes += token_bytes(token_ids[known:])

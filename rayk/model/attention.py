@@ -11,15 +11,17 @@ Two backends give the same numbers:
 * ``flash_attn``: ``flash_attn_varlen_func(..., block_table=)`` when any sequence has several new
   tokens, ``flash_attn_with_kvcache(..., block_table=)`` for pure decode. CUDA only; flash-attn 2
   needs ``block_size % 256 == 0`` for paged KV.
-* ``torch``: gathers each sequence's keys through the block table and calls
-  ``scaled_dot_product_attention`` once for the whole padded batch. The gather indices and mask
-  are built once per step (``TorchAttentionPlan``) and shared by every layer.
+* ``torch``: gathers each sequence's blocks through the block table (one ``index_select`` of
+  whole blocks per layer and tensor) and calls ``scaled_dot_product_attention`` once for the
+  whole padded batch. The mask and query placement are built once per step
+  (``TorchAttentionPlan``) and shared by every layer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -38,9 +40,9 @@ def flash_attn_available() -> bool:
 
 @dataclass
 class TorchAttentionPlan:
-    key_slots: torch.Tensor  # [batch, max_context_len] cache slots; padding points at slot 0
+    block_ids: torch.Tensor  # [batch * max_blocks] the block tables, flat; padding points at block 0
     query_rows: torch.Tensor | None  # [tokens] row of each new token in the padded batch; None if unpadded
-    mask: torch.Tensor  # [batch, 1, max_query_len, max_context_len] bool, True = attend
+    mask: torch.Tensor  # [batch, 1, max_query_len, max_blocks * block_size] bool, True = attend
 
 
 @dataclass
@@ -67,49 +69,48 @@ def build_attention_metadata(
     """Everything attention needs for one step; host lists in, device tensors out."""
     batch = len(query_lens)
     max_blocks = max(len(t) for t in block_tables)
-    table = torch.zeros((batch, max_blocks), dtype=torch.int32)
+    table = np.zeros((batch, max_blocks), dtype=np.int32)
     for b, blocks in enumerate(block_tables):
-        table[b, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-    q_lens = torch.tensor(query_lens, dtype=torch.int32)
-    ctx_lens = torch.tensor(context_lens, dtype=torch.int32)
-    # Slots of the new tokens: positions context_len - query_len .. context_len - 1 of each sequence.
-    positions = torch.cat([torch.arange(c - q, c) for q, c in zip(query_lens, context_lens)])
-    owners = torch.repeat_interleave(torch.arange(batch), q_lens)
-    slot_mapping = table[owners, positions // block_size].long() * block_size + positions % block_size
-    max_query_len, max_context_len = max(query_lens), max(context_lens)
+        table[b, : len(blocks)] = blocks
+    q_lens = np.asarray(query_lens, dtype=np.int32)
+    ctx_lens = np.asarray(context_lens, dtype=np.int32)
+    # The new tokens of sequence b sit at positions context_len - query_len .. context_len - 1.
+    owners = np.repeat(np.arange(batch), q_lens)
+    starts = np.cumsum(q_lens) - q_lens
+    positions = np.arange(len(owners)) - starts[owners] + (ctx_lens - q_lens)[owners]
+    slot_mapping = table[owners, positions // block_size].astype(np.int64) * block_size + positions % block_size
+    max_query_len, max_context_len = int(q_lens.max()), int(ctx_lens.max())
     plan = None
     if backend == "torch":
-        plan = _torch_plan(table.long(), q_lens, ctx_lens, max_query_len, max_context_len, block_size, device)
+        plan = _torch_plan(table, q_lens, ctx_lens, owners, starts, block_size, device)
     return AttentionMetadata(
         backend=backend,
-        slot_mapping=slot_mapping.to(device),
-        context_lens=ctx_lens.to(device),
-        cu_query_lens=F.pad(q_lens.cumsum(0, dtype=torch.int32), (1, 0)).to(device),
-        cu_context_lens=F.pad(ctx_lens.cumsum(0, dtype=torch.int32), (1, 0)).to(device),
-        block_tables=table.to(device),
+        slot_mapping=torch.from_numpy(slot_mapping).to(device),
+        context_lens=torch.from_numpy(ctx_lens).to(device),
+        cu_query_lens=torch.from_numpy(np.concatenate(([0], np.cumsum(q_lens))).astype(np.int32)).to(device),
+        cu_context_lens=torch.from_numpy(np.concatenate(([0], np.cumsum(ctx_lens))).astype(np.int32)).to(device),
+        block_tables=torch.from_numpy(table).to(device),
         max_query_len=max_query_len,
         max_context_len=max_context_len,
         torch_plan=plan,
     )
 
 
-def _torch_plan(table, q_lens, ctx_lens, max_q, max_k, block_size, device) -> TorchAttentionPlan:
-    batch = table.shape[0]
-    key_pos = torch.arange(max_k)
-    key_slots = table[:, key_pos // block_size] * block_size + key_pos % block_size
-    key_valid = key_pos[None, :] < ctx_lens[:, None]
-    key_slots = torch.where(key_valid, key_slots, 0)
-    query_pos = torch.arange(max_q)
+def _torch_plan(table, q_lens, ctx_lens, owners, starts, block_size, device) -> TorchAttentionPlan:
+    batch, max_blocks = table.shape
+    max_q = int(q_lens.max())
+    key_pos = np.arange(max_blocks * block_size)
     # The last key query i may see: causal within the sequence, and never past its context.
-    last_key = (ctx_lens - q_lens)[:, None] + query_pos[None, :]
-    mask = (key_pos[None, None, :] <= last_key[:, :, None]) & key_valid[:, None, :]
+    last_key = (ctx_lens - q_lens)[:, None] + np.arange(max_q)[None, :]
+    mask = (key_pos[None, None, :] <= last_key[:, :, None]) & (key_pos[None, None, :] < ctx_lens[:, None, None])
     query_rows = None
-    if max_q > 1 or batch != int(q_lens.sum()):
-        owners = torch.repeat_interleave(torch.arange(batch), q_lens)
-        starts = F.pad(q_lens.cumsum(0), (1, 0))[:-1]
-        query_rows = owners * max_q + torch.arange(int(q_lens.sum())) - starts[owners]
-        query_rows = query_rows.to(device)
-    return TorchAttentionPlan(key_slots.to(device), query_rows, mask[:, None].to(device))
+    if max_q > 1:
+        query_rows = torch.from_numpy(owners * max_q + np.arange(len(owners)) - starts[owners]).to(device)
+    return TorchAttentionPlan(
+        block_ids=torch.from_numpy(table.reshape(-1).astype(np.int64)).to(device),
+        query_rows=query_rows,
+        mask=torch.from_numpy(mask[:, None]).to(device),
+    )
 
 
 def paged_attention(q, k, v, key_cache, value_cache, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -122,11 +123,10 @@ def paged_attention(q, k, v, key_cache, value_cache, metadata: AttentionMetadata
 
 def _torch_attention(q, key_cache, value_cache, plan: TorchAttentionPlan, scale: float) -> torch.Tensor:
     tokens, heads, dim = q.shape
-    batch, max_k = plan.key_slots.shape
-    max_q = plan.mask.shape[2]
+    batch, _, max_q, max_k = plan.mask.shape
     kv_heads = key_cache.shape[2]
-    keys = key_cache.view(-1, kv_heads, dim)[plan.key_slots].transpose(1, 2)
-    values = value_cache.view(-1, kv_heads, dim)[plan.key_slots].transpose(1, 2)
+    keys = key_cache.index_select(0, plan.block_ids).view(batch, max_k, kv_heads, dim).transpose(1, 2)
+    values = value_cache.index_select(0, plan.block_ids).view(batch, max_k, kv_heads, dim).transpose(1, 2)
     if plan.query_rows is None:
         queries = q.view(batch, 1, heads, dim)
     else:
@@ -143,6 +143,7 @@ def _torch_attention(q, key_cache, value_cache, plan: TorchAttentionPlan, scale:
 def _flash_attention(q, key_cache, value_cache, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
     from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 
+    q = q.contiguous()  # q is a view into the fused projection's output
     if metadata.max_query_len == 1:
         out = flash_attn_with_kvcache(
             q.unsqueeze(1),

@@ -13,11 +13,11 @@ from torch import nn
 from rayk.cache.paged_kv import PagedKVCache
 from rayk.model.architecture import DecoderArchitecture
 from rayk.model.attention import AttentionMetadata, paged_attention
-from rayk.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from rayk.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, rotate
 
 
 class DecoderAttention(nn.Module):
-    def __init__(self, arch: DecoderArchitecture, rotary: RotaryEmbedding):
+    def __init__(self, arch: DecoderArchitecture):
         super().__init__()
         self.num_heads = arch.num_heads
         self.num_kv_heads = arch.num_kv_heads
@@ -31,31 +31,31 @@ class DecoderAttention(nn.Module):
             self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
             self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
         self.qk_norm = arch.qk_norm
-        self.rotary = rotary
 
-    def forward(self, positions, hidden, key_cache, value_cache, metadata: AttentionMetadata):
+    def forward(self, cos_sin, hidden, key_cache, value_cache, metadata: AttentionMetadata):
         tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(tokens, self.num_heads, self.head_dim)
-        k = k.view(tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(hidden)
+        qk = qkv[:, : self.q_size + self.kv_size].view(tokens, self.num_heads + self.num_kv_heads, self.head_dim)
+        v = qkv[:, self.q_size + self.kv_size :].view(tokens, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        out = paged_attention(q, k, v.contiguous(), key_cache, value_cache, metadata, self.scale)
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
+        # q and k sit side by side in the fused projection: one rotation serves both.
+        q, k = rotate(qk, *cos_sin).split([self.num_heads, self.num_kv_heads], dim=1)
+        out = paged_attention(q, k, v, key_cache, value_cache, metadata, self.scale)
         return self.o_proj(out.reshape(tokens, self.q_size))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, arch: DecoderArchitecture, rotary: RotaryEmbedding):
+    def __init__(self, arch: DecoderArchitecture):
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.self_attn = DecoderAttention(arch, rotary)
+        self.self_attn = DecoderAttention(arch)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = GatedMLP(arch.hidden_size, arch.intermediate_size, arch.mlp_bias)
 
-    def forward(self, positions, hidden, key_cache, value_cache, metadata):
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), key_cache, value_cache, metadata)
+    def forward(self, cos_sin, hidden, key_cache, value_cache, metadata):
+        hidden = hidden + self.self_attn(cos_sin, self.input_layernorm(hidden), key_cache, value_cache, metadata)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -63,8 +63,8 @@ class DecoderModel(nn.Module):
     def __init__(self, arch: DecoderArchitecture):
         super().__init__()
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
-        rotary = RotaryEmbedding(arch.head_dim, arch.max_position_embeddings, arch.rope_theta, arch.rope_scaling)
-        self.layers = nn.ModuleList(DecoderLayer(arch, rotary) for _ in range(arch.num_layers))
+        self.rotary = RotaryEmbedding(arch.head_dim, arch.max_position_embeddings, arch.rope_theta, arch.rope_scaling)
+        self.layers = nn.ModuleList(DecoderLayer(arch) for _ in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
 
@@ -80,8 +80,9 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: PagedKVCache, metadata: AttentionMetadata):
         hidden = self.model.embed_tokens(input_ids)
+        cos_sin = self.model.rotary.cos_sin(positions, hidden.dtype)
         for i, layer in enumerate(self.model.layers):
-            hidden = layer(positions, hidden, kv_cache.key_cache(i), kv_cache.value_cache(i), metadata)
+            hidden = layer(cos_sin, hidden, kv_cache.key_cache(i), kv_cache.value_cache(i), metadata)
         return self.model.norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

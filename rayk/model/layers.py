@@ -18,10 +18,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        normalized = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normalized.to(x.dtype)
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
@@ -47,7 +45,10 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict) -> torc
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotates the two halves of each head (the Hugging Face "rotate_half" convention)."""
+    """Rotates the two halves of each head (the Hugging Face "rotate_half" convention).
+
+    ``cos_sin`` looks a step's positions up once; ``rotate`` then serves every layer.
+    """
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict):
         super().__init__()
@@ -58,16 +59,15 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``q``/``k``: [tokens, heads, head_dim]; ``positions``: [tokens]."""
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """[tokens, 1, head_dim] each, ready to broadcast over heads."""
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Applies rotary embedding to ``x`` of [tokens, heads, head_dim]."""
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 class GatedMLP(nn.Module):
