@@ -103,17 +103,16 @@ class BlockHasher:
         if end <= start:
             return
         parent = block_hashes[-1] if block_hashes else root
-        view = memoryview(data)
         append = block_hashes.append
         if self.algorithm == "xxh3_128":
             # The hot loop: one concatenation and one C call per block, nothing looked up.
             digest, seed = xxhash.xxh3_128_digest, self.seed
             for offset in range(start, end, step):
-                parent = digest(parent + view[offset : offset + step], seed)
+                parent = digest(parent + data[offset : offset + step], seed)
                 append(parent)
         else:
             for offset in range(start, end, step):
-                parent = self.digest(parent + view[offset : offset + step])
+                parent = self.digest(parent + data[offset : offset + step])
                 append(parent)
 
     def hash_blocks(self, token_ids: Sequence[int], cache_salt: str | bytes | None = None) -> list[BlockHash]:

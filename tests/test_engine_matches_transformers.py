@@ -49,6 +49,7 @@ def test_second_pass_is_served_from_cache_with_identical_tokens(tiny_model_dir, 
     stats = llm.stats()["prefix_cache"]
     assert stats["hit_tokens"] == sum(o.num_cached_tokens for o in warm)
     assert stats["query_tokens"] == 2 * sum(LENGTHS)
+    assert stats["miss_tokens"] == stats["query_tokens"] - stats["hit_tokens"]
 
 
 def test_prompts_sharing_a_prefix_that_ends_mid_block_reuse_its_full_blocks(tiny_model_dir):

@@ -187,6 +187,7 @@ class LLMEngine:
             "prefix_cache": {
                 "query_tokens": kv.num_query_tokens,
                 "hit_tokens": kv.num_hit_tokens,
+                "miss_tokens": kv.num_query_tokens - kv.num_hit_tokens,
                 "hit_rate": kv.num_hit_tokens / kv.num_query_tokens if kv.num_query_tokens else 0.0,
             },
             "scheduler": {
