@@ -25,29 +25,38 @@ def test_fresh_pool_hands_out_low_ids_first_and_keeps_invariants():
     pool.check_invariants()
 
 
-def test_freed_blocks_join_the_tail_and_keep_their_key_until_reallocated():
+def test_free_blocks_keep_their_key_and_uncached_ones_are_used_first():
     pool = BlockPool(4, 2)
     blocks = pool.allocate(4)
     pool.cache_block(blocks[0], _key(1), bytes(16), token_bytes([7, 8]))
     pool.free(reversed(blocks))
-    assert pool.free_queue() == [3, 2, 1, 0]
+    assert pool.num_free_blocks == 4
     assert pool.lookup(_key(1), bytes(16), token_bytes([7, 8])) == 0
-    assert pool.allocate(3) == [3, 2, 1]
+    assert sorted(pool.allocate(3)) == [1, 2, 3]
     assert pool.num_cached_blocks == 1 and pool.num_evictions == 0
-    assert pool.allocate(1) == [0]
+    evicted = []
+    assert pool.allocate(1, evicted) == [0]
     assert pool.num_cached_blocks == 0 and pool.num_evictions == 1
+    assert [(e.block, e.key, e.tokens) for e in evicted] == [(0, _key(1), token_bytes([7, 8]))]
     pool.check_invariants()
 
 
-def test_touching_a_free_cached_block_takes_it_out_of_the_middle_of_the_queue():
-    pool = BlockPool(5, 2)
-    blocks = pool.allocate(5)
+def _pool_of_cached_free_blocks(n: int, policy=None) -> BlockPool:
+    pool = BlockPool(n, 1, policy=policy, bytes_per_block=64)
+    blocks = pool.allocate(n)
+    for block in blocks:
+        pool.cache_block(block, _key(block), bytes(16), token_bytes([block]), depth=block)
     pool.free(blocks)
-    pool.touch([2])
-    assert pool.free_queue() == [0, 1, 3, 4]
-    assert pool.ref_counts[2] == 1
-    pool.free([2])
-    assert pool.free_queue() == [0, 1, 3, 4, 2]
+    return pool
+
+
+def test_touching_a_free_cached_block_makes_it_unevictable_until_freed():
+    pool = _pool_of_cached_free_blocks(3)
+    pool.touch([0])
+    assert pool.ref_counts[0] == 1 and pool.num_free_blocks == 2
+    assert sorted(pool.allocate(2)) == [1, 2]
+    pool.free([0])
+    assert pool.allocate(1) == [0]
     pool.check_invariants()
 
 
@@ -81,7 +90,7 @@ def test_evict_drops_keys_of_free_blocks_only():
     pool.cache_block(a, _key(1), bytes(16), token_bytes([1]))
     pool.cache_block(b, _key(2), bytes(16), token_bytes([2]))
     pool.free([a])
-    assert pool.evict([_key(1), _key(2), _key(3)]) == 1
+    assert [e.key for e in pool.evict([_key(1), _key(2), _key(3)])] == [_key(1)]
     assert list(pool.cached) == [_key(2)]
     pool.check_invariants()
 

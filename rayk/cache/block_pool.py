@@ -1,21 +1,19 @@
-"""The block pool of one device: ref counts, an LRU free queue and the key → block map.
+"""The block pool of one device: ref counts, free blocks, and the key → block map.
 
 Invariants (``check_invariants`` asserts them):
 
-* Every block is either *used* (ref count > 0) or *free* (ref count 0, in the free queue), never
-  both; ``num_free_blocks`` counts the free queue exactly.
-* A free block keeps its key, stored tokens and parent key until it is handed out again: the
-  free queue doubles as the cache's eviction order (least recently freed at the head). Eviction is
-  lazy: a key is dropped only when its block is reallocated, so cached data is never thrown away
-  while there is still an untouched free block.
+* Every block is exactly one of: *used* (ref count > 0); *free and uncached* (in
+  ``_uncached_free``); *free and cached* (in ``_evictable``, known to the eviction policy); or
+  *free and pinned* (cached, kept, not allocatable). ``num_free_blocks`` counts the first two
+  kinds of free blocks.
+* A free block keeps its key, stored tokens and parent key until it is handed out again: eviction
+  is lazy, and allocation takes uncached free blocks before it asks the policy for victims, so
+  cached data is only thrown away when there is no other room.
 * ``cached`` maps a key to exactly one block, and that block's stored key is the key. A block
   computed twice under the same key (two requests racing) stays uncached: the map keeps the first.
 * Ref counts are owned by the KV cache manager: one per request whose block table holds the block.
 
-The free queue is a doubly linked list threaded through two preallocated int lists (``_next``,
-``_prev``) with sentinels at indices ``num_blocks`` (head) and ``num_blocks + 1`` (tail), so
-popping, appending and unlinking a block from the middle are O(1) and allocate nothing.
-
+Every operation is O(1) per block, plus the policy's cost (O(1) for LRU, O(log n) otherwise).
 Each cached block's tokens sit in one preallocated bytearray in ``rayk.hashing.token_bytes``
 encoding, so storing them is a slice copy and confirming a hit is a memcmp.
 """
@@ -23,99 +21,121 @@ encoding, so storing them is a slice copy and confirming a hit is a memcmp.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from rayk.cache.events import EventBuffer
+from rayk.cache.policies import BlockInfo, EvictionPolicy, LRUPolicy
 from rayk.hashing import TOKEN_BYTES, BlockHash, token_ids_from_bytes
+
+
+@dataclass(frozen=True)
+class EvictedBlock:
+    """A cached block whose key was dropped to make room; its KV is intact until reused."""
+
+    block: int
+    key: BlockHash
+    parent: BlockHash
+    depth: int
+    tokens: bytes
 
 
 class BlockPool:
     """Bookkeeping for ``num_blocks`` KV blocks of ``block_size`` tokens each (no tensors)."""
 
-    def __init__(self, num_blocks: int, block_size: int, tier: str = "device"):
+    def __init__(self, num_blocks: int, block_size: int, tier: str = "device", policy: EvictionPolicy | None = None, bytes_per_block: int = 0):
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.bytes_per_block = bytes_per_block
         self.events = EventBuffer(tier)
+        self.policy = policy or LRUPolicy()
         self.ref_counts: list[int] = [0] * num_blocks
         self.block_hashes: list[BlockHash | None] = [None] * num_blocks
         self.parent_hashes: list[BlockHash | None] = [None] * num_blocks
+        self.depths: list[int] = [0] * num_blocks
         self.block_bytes = block_size * TOKEN_BYTES
         self._token_bytes = bytearray(num_blocks * self.block_bytes)
         self.cached: dict[BlockHash, int] = {}
-        self._head = num_blocks
-        self._tail = num_blocks + 1
-        # Initially block i follows block i-1: allocation hands out low ids first.
-        self._next = list(range(1, num_blocks + 1)) + [0, -1]
-        self._prev = [num_blocks] + list(range(num_blocks - 1)) + [-1, num_blocks - 1]
-        self._next[self._head] = 0
-        self._next[num_blocks - 1] = self._tail
-        self.num_free_blocks = num_blocks
+        # Allocation pops from the end: low ids are handed out first.
+        self._uncached_free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self._evictable: dict[BlockHash, int] = {}
+        self.pinned: set[BlockHash] = set()
         self.num_evictions = 0
 
     # -- allocation ---------------------------------------------------------------------------
 
-    def allocate(self, n: int) -> list[int]:
-        """Takes ``n`` blocks from the head of the free queue, evicting their cached keys."""
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._uncached_free) + len(self._evictable)
+
+    def allocate(self, n: int, evicted: list[EvictedBlock] | None = None) -> list[int]:
+        """Takes ``n`` free blocks, uncached ones first, then the policy's victims.
+
+        Each victim's key is dropped; if ``evicted`` is given, the victims are appended to it so
+        that their KV can be demoted to a lower tier before the blocks are overwritten.
+        """
         if n > self.num_free_blocks:
             raise RuntimeError(f"asked for {n} blocks, only {self.num_free_blocks} are free")
-        nxt, prv, refs, hashes = self._next, self._prev, self.ref_counts, self.block_hashes
-        head = self._head
-        blocks = []
-        block = nxt[head]
-        for _ in range(n):
-            refs[block] = 1
-            if hashes[block] is not None:
+        take = min(n, len(self._uncached_free))
+        blocks = self._uncached_free[len(self._uncached_free) - take :][::-1]
+        del self._uncached_free[len(self._uncached_free) - take :]
+        if take < n:
+            for key in self.policy.select_victims(self._evictable, n - take):
+                block = self._evictable[key]
+                if evicted is not None:
+                    evicted.append(EvictedBlock(block, key, self.parent_hashes[block], self.depths[block], self.token_bytes(block)))
                 self._drop_key(block)
-            blocks.append(block)
-            block = nxt[block]
-        nxt[head] = block
-        prv[block] = head
-        self.num_free_blocks -= n
+                blocks.append(block)
+            assert len(blocks) == n, f"policy {self.policy.name!r} chose {len(blocks) - take} victims, {n - take} were needed"
+        refs = self.ref_counts
+        for block in blocks:
+            refs[block] = 1
         return blocks
 
     def touch(self, blocks: Iterable[int]) -> None:
-        """Adds one reference to each block, taking free (cached) blocks out of the free queue."""
-        nxt, prv, refs = self._next, self._prev, self.ref_counts
+        """Adds one reference to each block (a prefix hit), taking free ones out of the free set."""
+        refs, hashes = self.ref_counts, self.block_hashes
         for block in blocks:
-            if refs[block] == 0:
-                before, after = prv[block], nxt[block]
-                nxt[before] = after
-                prv[after] = before
-                self.num_free_blocks -= 1
+            key = hashes[block]
+            if refs[block] == 0 and key not in self.pinned:
+                del self._evictable[key]
+                self.policy.on_remove(key)
             refs[block] += 1
+            self.policy.on_access(self._info(block))
 
     def free(self, blocks: Iterable[int]) -> None:
-        """Drops one reference from each block; blocks reaching zero join the tail, in order.
+        """Drops one reference from each block; blocks reaching zero become free, in order.
 
-        Pass a request's blocks last-first so that its tail blocks are evicted before its prefix.
+        Pass a request's blocks last-first, so that with LRU its tail is evicted before its prefix.
         """
-        nxt, prv, refs = self._next, self._prev, self.ref_counts
-        tail = self._tail
+        refs, hashes = self.ref_counts, self.block_hashes
         for block in blocks:
             refs[block] -= 1
             if refs[block] == 0:
-                last = prv[tail]
-                nxt[last] = block
-                prv[block] = last
-                nxt[block] = tail
-                prv[tail] = block
-                self.num_free_blocks += 1
+                key = hashes[block]
+                if key is None:
+                    self._uncached_free.append(block)
+                elif key not in self.pinned:
+                    self._evictable[key] = block
+                    self.policy.on_insert(self._info(block))
 
     # -- the key map --------------------------------------------------------------------------
 
-    def cache_block(self, block: int, block_hash: BlockHash, parent_hash: BlockHash, tokens: bytes) -> bool:
-        """Publishes a full, computed block under ``block_hash``; False if the key was taken.
+    def cache_block(self, block: int, block_hash: BlockHash, parent_hash: BlockHash, tokens: bytes, depth: int = 0) -> bool:
+        """Publishes a full, computed, referenced block under ``block_hash``; False if the key was taken.
 
-        ``tokens`` is the block's ``token_bytes``.
+        ``tokens`` is the block's ``token_bytes``; ``depth`` its index in its prefix chain.
         """
         if block_hash in self.cached or self.block_hashes[block] is not None:
             return False
+        assert self.ref_counts[block] > 0, f"block {block} is free: only a referenced block is published"
         self.cached[block_hash] = block
         self.block_hashes[block] = block_hash
         self.parent_hashes[block] = parent_hash
+        self.depths[block] = depth
         offset = block * self.block_bytes
         self._token_bytes[offset : offset + self.block_bytes] = tokens
         self.events.stored(block_hash)
@@ -131,30 +151,65 @@ class BlockPool:
             return None
         return block
 
-    def evict(self, block_hashes: Iterable[BlockHash]) -> int:
-        """Drops the given keys of free blocks (used blocks keep theirs); returns how many."""
-        dropped = 0
-        for block_hash in block_hashes:
-            block = self.cached.get(block_hash)
-            if block is not None and self.ref_counts[block] == 0:
+    def evict(self, block_hashes: Iterable[BlockHash]) -> list[EvictedBlock]:
+        """Drops the given keys of free, unpinned blocks (used or pinned blocks keep theirs)."""
+        evicted = []
+        for key in block_hashes:
+            block = self._evictable.get(key)
+            if block is not None:
+                evicted.append(EvictedBlock(block, key, self.parent_hashes[block], self.depths[block], self.token_bytes(block)))
                 self._drop_key(block)
-                dropped += 1
-        return dropped
+                self._uncached_free.append(block)
+        return evicted
+
+    def pin(self, key: BlockHash) -> bool:
+        """Keeps a cached block resident until ``unpin``; False if the key is not cached here."""
+        block = self.cached.get(key)
+        if block is None:
+            return False
+        if key not in self.pinned and self.ref_counts[block] == 0:
+            del self._evictable[key]
+            self.policy.on_remove(key)
+        self.pinned.add(key)
+        return True
+
+    def unpin(self, key: BlockHash) -> None:
+        if key not in self.pinned:
+            return
+        self.pinned.discard(key)
+        block = self.cached[key]
+        if self.ref_counts[block] == 0:
+            self._evictable[key] = block
+            self.policy.on_insert(self._info(block))
+
+    def set_policy(self, policy: EvictionPolicy) -> None:
+        """Replaces the policy, handing it every current candidate (least recently freed first)."""
+        self.policy = policy
+        for block in self._evictable.values():
+            policy.on_insert(self._info(block))
 
     def _drop_key(self, block: int) -> None:
-        block_hash = self.block_hashes[block]
-        del self.cached[block_hash]
+        key = self.block_hashes[block]
+        self._evictable.pop(key, None)
+        self.policy.on_remove(key)
+        del self.cached[key]
         self.block_hashes[block] = None
         self.parent_hashes[block] = None
         self.num_evictions += 1
-        self.events.removed(block_hash)
+        self.events.removed(key)
+
+    def _info(self, block: int) -> BlockInfo:
+        return BlockInfo(self.block_hashes[block], self.depths[block], self.bytes_per_block)
 
     # -- introspection ------------------------------------------------------------------------
 
+    def token_bytes(self, block: int) -> bytes:
+        offset = block * self.block_bytes
+        return bytes(self._token_bytes[offset : offset + self.block_bytes])
+
     def block_token_ids(self, block: int) -> list[int]:
         """The token ids stored with a cached block."""
-        offset = block * self.block_bytes
-        return token_ids_from_bytes(self._token_bytes[offset : offset + self.block_bytes])
+        return token_ids_from_bytes(self.token_bytes(block))
 
     @property
     def num_used_blocks(self) -> int:
@@ -164,33 +219,26 @@ class BlockPool:
     def num_cached_blocks(self) -> int:
         return len(self.cached)
 
-    def free_queue(self) -> list[int]:
-        """The free blocks from next-to-allocate to most recently freed (O(n); for tests and tools)."""
-        order = []
-        block = self._next[self._head]
-        while block != self._tail:
-            order.append(block)
-            block = self._next[block]
-        return order
-
     def check_invariants(self) -> None:
         """Asserts the invariants in the module docstring (O(n); for tests)."""
-        free = self.free_queue()
-        free_set = set(free)
-        assert len(free) == len(free_set), "a block is in the free queue twice"
-        assert len(free) == self.num_free_blocks, f"free queue has {len(free)}, counter says {self.num_free_blocks}"
-        backward = []
-        block = self._prev[self._tail]
-        while block != self._head:
-            backward.append(block)
-            block = self._prev[block]
-        assert backward[::-1] == free, "free queue links disagree"
+        uncached = set(self._uncached_free)
+        assert len(uncached) == len(self._uncached_free), "a block is in the uncached free list twice"
+        evictable = set(self._evictable.values())
+        assert len(evictable) == len(self._evictable), "two keys point at one evictable block"
+        pinned_free = {self.cached[k] for k in self.pinned if k in self.cached and self.ref_counts[self.cached[k]] == 0}
+        assert not (uncached & evictable) and not (uncached & pinned_free) and not (evictable & pinned_free)
         for block in range(self.num_blocks):
             refs = self.ref_counts[block]
+            key = self.block_hashes[block]
             assert refs >= 0, f"block {block} has ref count {refs}"
-            assert (refs == 0) == (block in free_set), f"block {block}: ref count {refs}, free={block in free_set}"
-            block_hash = self.block_hashes[block]
-            if block_hash is not None:
-                assert self.cached.get(block_hash) == block, f"block {block}'s key maps elsewhere"
-        for block_hash, block in self.cached.items():
-            assert self.block_hashes[block] == block_hash, f"key maps to block {block}, which holds another"
+            free_states = (block in uncached) + (block in evictable) + (block in pinned_free)
+            assert free_states == (refs == 0), f"block {block}: ref count {refs}, in {free_states} free sets"
+            if block in uncached:
+                assert key is None, f"uncached free block {block} holds a key"
+            if block in evictable:
+                assert self._evictable[key] == block, f"evictable block {block} is listed under another key"
+            if key is not None:
+                assert self.cached.get(key) == block, f"block {block}'s key maps elsewhere"
+        for key, block in self.cached.items():
+            assert self.block_hashes[block] == key, f"key maps to block {block}, which holds another"
+        assert self.pinned <= set(self.cached), "a pinned key is not cached"

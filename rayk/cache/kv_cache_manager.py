@@ -121,7 +121,7 @@ class KVCacheManager:
         self.hasher.extend(state.block_hashes, state.token_bytes[: num_full * step], state.root)
         for i in range(state.num_published_blocks, num_full):
             parent = state.block_hashes[i - 1] if i else state.root
-            self.pool.cache_block(state.block_ids[i], state.block_hashes[i], parent, state.token_bytes[i * step : (i + 1) * step])
+            self.pool.cache_block(state.block_ids[i], state.block_hashes[i], parent, state.token_bytes[i * step : (i + 1) * step], depth=i)
         state.num_published_blocks = num_full
 
     def free(self, request_id: str) -> None:
