@@ -10,7 +10,7 @@ Every number is the median of ``--repeats`` runs, each compared with a baseline 
   the hits, free them. Each block counts once per call it goes through (6 x batch per iteration).
   Goals: >= 1M block-ops/s, and the 100k-block pool as fast as the 1k one (ratio ~1.0).
 * ``KVCacheManager``, the path the engine runs, the same way: one request misses
-  (``find_prefix``, ``allocate_slots``, ``cache_blocks``, ``free``), then a second request with
+  (``find_prefix``, ``admit``, ``cache_blocks``, ``free``), then a second request with
   the same prompt hits. That is 8 x batch block-ops per iteration, and ``find_prefix`` hashes
   the prompt inside the timed region, as the engine does.
 
@@ -120,7 +120,7 @@ def _manager_iterations(kv: KVCacheManager, prompts: list[list[int]], first: int
         hits = []
         for request_id in (f"{i}-miss", f"{i}-hit"):
             hit = kv.find_prefix(request_id, prompt)
-            kv.allocate_slots(request_id, len(prompt), hit)
+            kv.admit(request_id, len(prompt), hit)
             kv.cache_blocks(request_id, prompt, len(prompt))
             kv.free(request_id)
             hits.append(hit)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rayk.cache.policies import EvictionPolicy, make_policy
 from rayk.hashing import HASH_ALGORITHMS
 
 ATTENTION_BACKENDS = ("auto", "torch", "flash_attn")
@@ -56,11 +57,14 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """The device KV pool.
+    """The device KV pool and the tiers below it.
 
     ``block_size`` is tokens per block. ``num_device_blocks`` None sizes the pool from memory:
     on CUDA, ``gpu_memory_utilization`` of the device's memory minus what is in use; on the CPU,
     enough blocks for ``max_num_seqs`` full-length sequences, capped at ``cpu_kv_cache_bytes``.
+    ``host_blocks`` > 0 adds a host-memory tier of that many blocks; ``disk_dir`` adds a disk
+    tier there, holding at most ``disk_bytes``. ``eviction_policy`` (a registered name or an
+    ``EvictionPolicy``) orders eviction in every tier; each tier gets its own copy.
     """
 
     block_size: int = 16
@@ -69,6 +73,10 @@ class CacheConfig:
     hash_algorithm: str = "xxh3_128"
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_bytes: int = 4 << 30
+    host_blocks: int = 0
+    disk_dir: str | None = None
+    disk_bytes: int = 8 << 30
+    eviction_policy: str | EvictionPolicy = "lru"
 
     def __post_init__(self):
         _check_positive_int("CacheConfig", "block_size", self.block_size)
@@ -79,6 +87,12 @@ class CacheConfig:
         if not (0.0 < self.gpu_memory_utilization <= 1.0):
             raise ValueError(f"CacheConfig.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         _check_positive_int("CacheConfig", "cpu_kv_cache_bytes", self.cpu_kv_cache_bytes)
+        if isinstance(self.host_blocks, bool) or not isinstance(self.host_blocks, int) or self.host_blocks < 0:
+            raise ValueError(f"CacheConfig.host_blocks must be an int >= 0 (0 = no host tier), got {self.host_blocks!r}")
+        if self.disk_dir is not None and (not isinstance(self.disk_dir, str) or not self.disk_dir):
+            raise TypeError(f"CacheConfig.disk_dir must be a directory path string or None, got {self.disk_dir!r}")
+        _check_positive_int("CacheConfig", "disk_bytes", self.disk_bytes)
+        make_policy(self.eviction_policy)
 
 
 @dataclass(frozen=True)

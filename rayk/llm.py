@@ -77,6 +77,10 @@ class LLM:
     def stats(self) -> dict:
         return self.engine.stats()
 
+    def close(self) -> None:
+        """Persists the cache to the disk tier (when one is configured) and stops its writer."""
+        self.engine.close()
+
 
 def _as_batch(prompts) -> list:
     if isinstance(prompts, str):

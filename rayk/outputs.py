@@ -10,7 +10,8 @@ class RequestOutput:
     """One request's result.
 
     ``num_cached_tokens`` counts prompt tokens served from the prefix cache (whole blocks) rather
-    than computed. ``finish_reason`` is "stop" (EOS or a stop token) or "length" (max_tokens).
+    than computed; ``cached_tokens_by_tier`` splits them by where they were found ("device",
+    "host", "disk", "remote"). ``finish_reason`` is "stop" (EOS or a stop token) or "length" (max_tokens).
     ``ttft_s`` is seconds from arrival to the first generated token; ``latency_s`` to the last.
     """
 
@@ -19,6 +20,7 @@ class RequestOutput:
     token_ids: list[int]
     text: str | None
     num_cached_tokens: int
+    cached_tokens_by_tier: dict[str, int]
     finish_reason: str | None
     ttft_s: float | None
     latency_s: float | None

@@ -114,11 +114,11 @@ def test_the_manager_never_serves_the_last_prompt_token_from_cache():
     pool = BlockPool(8, 4)
     manager = KVCacheManager(pool, BlockHasher(bytes(32), 4))
     tokens = list(range(8))
-    manager.allocate_slots("a", 8, manager.find_prefix("a", tokens))
+    manager.admit("a", 8, manager.find_prefix("a", tokens))
     manager.cache_blocks("a", tokens, 8)
     manager.free("a")
     hit = manager.find_prefix("b", tokens)
-    assert hit.num_tokens == 4 and len(hit.block_ids) == 1
+    assert hit.num_tokens == 4 and hit.device_blocks() == [0]
     assert manager.find_prefix("c", tokens + [99]).num_tokens == 8
 
 
@@ -126,7 +126,7 @@ def test_a_failed_allocation_changes_nothing():
     pool = BlockPool(3, 2)
     manager = KVCacheManager(pool, BlockHasher(bytes(32), 2))
     hit = manager.find_prefix("a", list(range(10)))
-    assert not manager.allocate_slots("a", 10, hit)
+    assert manager.admit("a", 10, hit) is None
     assert pool.num_free_blocks == 3 and manager.block_ids("a") == []
     assert manager.num_query_tokens == 0
     manager.check_invariants()
@@ -149,7 +149,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.next_id += 1
         tokens = prefix + tail
         hit = self.manager.find_prefix(request_id, tokens)
-        if self.manager.allocate_slots(request_id, len(tokens), hit):
+        if self.manager.admit(request_id, len(tokens), hit) is not None:
             self.manager.cache_blocks(request_id, tokens, len(tokens))
             self.live[request_id] = tokens
         else:

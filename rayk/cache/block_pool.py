@@ -29,8 +29,12 @@ from rayk.hashing import TOKEN_BYTES, BlockHash, token_ids_from_bytes
 
 
 @dataclass(frozen=True)
-class EvictedBlock:
-    """A cached block whose key was dropped to make room; its KV is intact until reused."""
+class BlockRecord:
+    """A cached block as it moves between tiers: its id in the tier it leaves, and what it holds.
+
+    For a block evicted to make room, the KV at ``block`` stays intact until the block is
+    written again, so it can be demoted to a lower tier first.
+    """
 
     block: int
     key: BlockHash
@@ -71,7 +75,7 @@ class BlockPool:
     def num_free_blocks(self) -> int:
         return len(self._uncached_free) + len(self._evictable)
 
-    def allocate(self, n: int, evicted: list[EvictedBlock] | None = None) -> list[int]:
+    def allocate(self, n: int, evicted: list[BlockRecord] | None = None) -> list[int]:
         """Takes ``n`` free blocks, uncached ones first, then the policy's victims.
 
         Each victim's key is dropped; if ``evicted`` is given, the victims are appended to it so
@@ -86,7 +90,7 @@ class BlockPool:
             for key in self.policy.select_victims(self._evictable, n - take):
                 block = self._evictable[key]
                 if evicted is not None:
-                    evicted.append(EvictedBlock(block, key, self.parent_hashes[block], self.depths[block], self.token_bytes(block)))
+                    evicted.append(self.record(block))
                 self._drop_key(block)
                 blocks.append(block)
             assert len(blocks) == n, f"policy {self.policy.name!r} chose {len(blocks) - take} victims, {n - take} were needed"
@@ -151,13 +155,13 @@ class BlockPool:
             return None
         return block
 
-    def evict(self, block_hashes: Iterable[BlockHash]) -> list[EvictedBlock]:
+    def evict(self, block_hashes: Iterable[BlockHash]) -> list[BlockRecord]:
         """Drops the given keys of free, unpinned blocks (used or pinned blocks keep theirs)."""
         evicted = []
         for key in block_hashes:
             block = self._evictable.get(key)
             if block is not None:
-                evicted.append(EvictedBlock(block, key, self.parent_hashes[block], self.depths[block], self.token_bytes(block)))
+                evicted.append(self.record(block))
                 self._drop_key(block)
                 self._uncached_free.append(block)
         return evicted
@@ -202,6 +206,10 @@ class BlockPool:
         return BlockInfo(self.block_hashes[block], self.depths[block], self.bytes_per_block)
 
     # -- introspection ------------------------------------------------------------------------
+
+    def record(self, block: int) -> BlockRecord:
+        """What a cached block holds, for moving it to another tier."""
+        return BlockRecord(block, self.block_hashes[block], self.parent_hashes[block], self.depths[block], self.token_bytes(block))
 
     def token_bytes(self, block: int) -> bytes:
         offset = block * self.block_bytes

@@ -1,13 +1,19 @@
-"""Per-request block tables over one device's block pool, with prefix caching.
+"""Per-request block tables over one device's block pool, with prefix caching across tiers.
 
 What the scheduler talks to. For each request the manager keeps its block table, the keys of its
 full blocks (hashed once, incrementally) and how many of those blocks it has published. It owns
 one reference on every block in a request's table; ``free`` returns them.
 
-A prefix hit is confirmed block by block against the stored parent key and token ids
-(``BlockPool.lookup``), so by induction from the root every served block holds exactly the
-request's tokens. At least one token of every request is always computed: a hit never covers the
-last prompt token, whose logits the first sample needs.
+Below the device pool sit optional tiers: host memory, then disk. ``find_prefix`` walks a
+request's chain of keys and finds each block on the device, else on the host, else on disk,
+stopping at the first block found nowhere. Every hit is confirmed against the stored parent key
+and token ids (on disk, also the payload's checksum, read right then), so by induction from the
+root every served block holds exactly the request's tokens. At least one token of every request
+is always computed: a hit never covers the last prompt token, whose logits the first sample needs.
+
+``admit`` then takes the hit: it protects the hit's blocks, allocates the rest, demotes the
+cached device blocks it evicted (device → host → disk, as each tier makes room), and onloads the
+host and disk hits into their new device blocks, one gather and one scatter per tier.
 """
 
 from __future__ import annotations
@@ -15,8 +21,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from rayk.cache.block_pool import BlockPool
+import torch
+
+from rayk.cache.block_pool import BlockPool, BlockRecord
+from rayk.cache.disk_tier import DiskTier
+from rayk.cache.host_tier import HostTier
+from rayk.cache.paged_kv import PagedKVCache
 from rayk.hashing import TOKEN_BYTES, BlockHash, BlockHasher, token_bytes
+
+TIERS = ("device", "host", "disk", "remote")
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 @dataclass
@@ -31,30 +48,50 @@ class _RequestBlocks:
 
 @dataclass(frozen=True)
 class PrefixHit:
-    """Blocks that already hold the first ``num_tokens`` of a request's ``num_query_tokens``.
+    """The cached blocks that hold the first ``num_tokens`` of a request's ``num_query_tokens``.
 
-    The blocks are not referenced until ``allocate_slots`` takes them.
+    ``sources[i]`` says where block ``i`` is: ("device", block id), ("host", slot), or ("disk",
+    payload tensor already read and verified). Nothing is referenced until ``admit``.
     """
 
-    block_ids: tuple[int, ...]
+    sources: tuple[tuple[str, object], ...]
     num_tokens: int
     num_query_tokens: int
 
+    def device_blocks(self) -> list[int]:
+        return [ref for tier, ref in self.sources if tier == "device"]
+
 
 class KVCacheManager:
-    def __init__(self, pool: BlockPool, hasher: BlockHasher, enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        pool: BlockPool,
+        hasher: BlockHasher,
+        enable_prefix_caching: bool = True,
+        kv_cache: PagedKVCache | None = None,
+        host: HostTier | None = None,
+        disk: DiskTier | None = None,
+    ):
         if pool.block_size != hasher.block_size:
             raise ValueError(f"pool block_size {pool.block_size} != hasher block_size {hasher.block_size}")
+        if (host or disk) and kv_cache is None:
+            raise ValueError("host and disk tiers need the device kv_cache to copy blocks from and to")
         self.pool = pool
         self.hasher = hasher
         self.block_size = pool.block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.kv_cache = kv_cache
+        self.host = host
+        self.disk = disk
         self._requests: dict[str, _RequestBlocks] = {}
         self.num_query_tokens = 0
         self.num_hit_tokens = 0
+        self.hit_tokens_by_tier = dict.fromkeys(TIERS, 0)
 
     def block_ids(self, request_id: str) -> list[int]:
         return self._requests[request_id].block_ids
+
+    # -- prefix lookup ------------------------------------------------------------------------
 
     def find_prefix(self, request_id: str, token_ids: Sequence[int], cache_salt: str | bytes | None = None) -> PrefixHit:
         """The longest confirmed cached prefix of a request that holds no blocks yet."""
@@ -67,46 +104,112 @@ class KVCacheManager:
         _sync_token_bytes(state, token_ids)
         self.hasher.extend(state.block_hashes, state.token_bytes, state.root)
         max_blocks = (len(token_ids) - 1) // self.block_size
-        hits = []
+        sources: list[tuple[str, object]] = []
         parent = state.root
         step = self.hasher.block_bytes
-        for i, block_hash in enumerate(state.block_hashes[:max_blocks]):
-            block = self.pool.lookup(block_hash, parent, state.token_bytes[i * step : (i + 1) * step])
-            if block is None:
+        for i, key in enumerate(state.block_hashes[:max_blocks]):
+            tokens = state.token_bytes[i * step : (i + 1) * step]
+            source = self._locate(key, parent, tokens)
+            if source is None:
                 break
-            hits.append(block)
-            parent = block_hash
-        return PrefixHit(tuple(hits), len(hits) * self.block_size, len(token_ids))
+            sources.append(source)
+            parent = key
+        return PrefixHit(tuple(sources), len(sources) * self.block_size, len(token_ids))
+
+    def _locate(self, key: BlockHash, parent: BlockHash, tokens: bytes) -> tuple[str, object] | None:
+        block = self.pool.lookup(key, parent, tokens)
+        if block is not None:
+            return ("device", block)
+        if self.host is not None:
+            slot = self.host.lookup(key, parent, tokens)
+            if slot is not None:
+                return ("host", slot)
+        if self.disk is not None:
+            payload = self.disk.read(key, parent, tokens)
+            if payload is not None:
+                return ("disk", payload)
+        return None
+
+    # -- allocation ---------------------------------------------------------------------------
 
     def num_blocks_needed(self, request_id: str, num_tokens: int, hit: PrefixHit | None = None) -> int:
-        """Free blocks that ``allocate_slots`` would consume to hold ``num_tokens`` tokens."""
+        """Free device blocks that holding ``num_tokens`` tokens (after taking ``hit``) consumes."""
         state = self._requests[request_id]
-        held = len(state.block_ids) + (len(hit.block_ids) if hit is not None else 0)
-        new_blocks = max(0, -(-num_tokens // self.block_size) - held)
-        revived = sum(1 for b in hit.block_ids if self.pool.ref_counts[b] == 0) if hit is not None else 0
+        device_hits = hit.device_blocks() if hit is not None else []
+        new_blocks = max(0, ceil_div(num_tokens, self.block_size) - len(state.block_ids) - len(device_hits))
+        pool = self.pool
+        revived = sum(1 for b in device_hits if pool.ref_counts[b] == 0 and pool.block_hashes[b] not in pool.pinned)
         return new_blocks + revived
 
-    def allocate_slots(self, request_id: str, num_tokens: int, hit: PrefixHit | None = None) -> bool:
-        """Grows the request's table to hold ``num_tokens`` tokens, first taking ``hit``'s blocks.
-
-        Returns False, changing nothing, when the pool has too few free blocks. A request's
-        admission passes its ``hit`` (possibly empty); that is when hit statistics count.
-        """
-        if self.num_blocks_needed(request_id, num_tokens, hit) > self.pool.num_free_blocks:
+    def allocate_slots(self, request_id: str, num_tokens: int) -> bool:
+        """Grows a running request's table to hold ``num_tokens`` tokens; False (changing
+        nothing) when the pool has too few free blocks."""
+        if self.num_blocks_needed(request_id, num_tokens) > self.pool.num_free_blocks:
             return False
         state = self._requests[request_id]
-        if hit is not None:
-            self.num_query_tokens += hit.num_query_tokens
-            self.num_hit_tokens += hit.num_tokens
-        if hit is not None and hit.block_ids:
-            self.pool.touch(hit.block_ids)
-            state.block_ids.extend(hit.block_ids)
-            state.num_published_blocks = len(state.block_ids)
-        new_blocks = -(-num_tokens // self.block_size) - len(state.block_ids)
-        if new_blocks > 0:
-            state.block_ids.extend(self.pool.allocate(new_blocks))
+        state.block_ids.extend(self._allocate(ceil_div(num_tokens, self.block_size) - len(state.block_ids)))
         state.num_slots_used = max(state.num_slots_used, num_tokens)
         return True
+
+    def admit(self, request_id: str, num_tokens: int, hit: PrefixHit, count_stats: bool = True) -> dict[str, int] | None:
+        """Takes ``hit`` and room for ``num_tokens`` tokens in all; returns the cached tokens by
+        tier, or None (changing nothing) when the pool has too few free blocks."""
+        if self.num_blocks_needed(request_id, num_tokens, hit) > self.pool.num_free_blocks:
+            return None
+        state = self._requests[request_id]
+        device_hits = hit.device_blocks()
+        host_slots = [ref for tier, ref in hit.sources if tier == "host"]
+        self.pool.touch(device_hits)
+        if host_slots:
+            self.host.hold(host_slots)
+        new_blocks = self._allocate(ceil_div(num_tokens, self.block_size) - len(device_hits))
+        onload: dict[str, tuple[list[int], list]] = {"host": ([], []), "disk": ([], [])}
+        fresh = iter(new_blocks)
+        table = []
+        for tier, ref in hit.sources:
+            if tier == "device":
+                table.append(ref)
+            else:
+                block = next(fresh)
+                table.append(block)
+                onload[tier][0].append(block)
+                onload[tier][1].append(ref)
+        table.extend(fresh)
+        state.block_ids.extend(table)
+        if host_slots:
+            self.kv_cache.scatter(onload["host"][0], self.host.read(onload["host"][1]))
+            self.host.release(host_slots)
+        if onload["disk"][0]:
+            self.kv_cache.scatter(onload["disk"][0], torch.cat(onload["disk"][1], dim=2))
+        self._publish(state, len(hit.sources))
+        state.num_slots_used = max(state.num_slots_used, num_tokens)
+        by_tier = dict.fromkeys(TIERS, 0)
+        for tier, _ in hit.sources:
+            by_tier[tier] += self.block_size
+        if count_stats:
+            self.num_query_tokens += hit.num_query_tokens
+            self.num_hit_tokens += hit.num_tokens
+            for tier, tokens in by_tier.items():
+                self.hit_tokens_by_tier[tier] += tokens
+        return by_tier
+
+    def _allocate(self, count: int) -> list[int]:
+        """Allocates device blocks, demoting the cached blocks evicted to make room before
+        anything overwrites them."""
+        if count <= 0:
+            return []
+        evicted: list[BlockRecord] = []
+        blocks = self.pool.allocate(count, evicted)
+        if evicted:
+            self._demote(evicted)
+        return blocks
+
+    def _demote(self, evicted: list[BlockRecord]) -> None:
+        lower = self.host or self.disk
+        if lower is not None:
+            lower.store(evicted, self.kv_cache.gather([r.block for r in evicted]))
+
+    # -- publishing and freeing ---------------------------------------------------------------
 
     def cache_blocks(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int) -> None:
         """Publishes the request's blocks that are full of computed KV."""
@@ -117,12 +220,15 @@ class KVCacheManager:
         if num_full <= state.num_published_blocks:
             return
         _sync_token_bytes(state, token_ids)
+        self.hasher.extend(state.block_hashes, state.token_bytes[: num_full * self.hasher.block_bytes], state.root)
+        self._publish(state, num_full)
+
+    def _publish(self, state: _RequestBlocks, num_full: int) -> None:
         step = self.hasher.block_bytes
-        self.hasher.extend(state.block_hashes, state.token_bytes[: num_full * step], state.root)
         for i in range(state.num_published_blocks, num_full):
             parent = state.block_hashes[i - 1] if i else state.root
             self.pool.cache_block(state.block_ids[i], state.block_hashes[i], parent, state.token_bytes[i * step : (i + 1) * step], depth=i)
-        state.num_published_blocks = num_full
+        state.num_published_blocks = max(state.num_published_blocks, num_full)
 
     def free(self, request_id: str) -> None:
         """Returns every block of the request, tail first, and forgets it."""
@@ -130,9 +236,18 @@ class KVCacheManager:
         if state is not None and state.block_ids:
             self.pool.free(reversed(state.block_ids))
 
-    @property
-    def num_active_requests(self) -> int:
-        return sum(1 for s in self._requests.values() if s.block_ids)
+    def spill_to_disk(self) -> None:
+        """Queues every cached device and host block for the disk tier (keys it has are skipped),
+        so that an engine started later on the same directory finds the whole cache."""
+        if self.disk is None:
+            return
+        tiers = [(self.pool, self.kv_cache)] + ([(self.host.pool, self.host.kv)] if self.host is not None else [])
+        for pool, kv in tiers:
+            records = [r for r in (pool.record(b) for b in pool.cached.values()) if not self.disk.contains(r.key)]
+            if records:
+                self.disk.store(records, kv.gather([r.block for r in records]))
+
+    # -- introspection ------------------------------------------------------------------------
 
     @property
     def num_unused_slots(self) -> int:
@@ -140,8 +255,11 @@ class KVCacheManager:
         return sum(len(s.block_ids) * self.block_size - s.num_slots_used for s in self._requests.values())
 
     def check_invariants(self) -> None:
-        """Asserts the pool's invariants and that ref counts equal the tables holding each block."""
+        """Asserts the pools' invariants and that ref counts equal the tables holding each block."""
         self.pool.check_invariants()
+        if self.host is not None:
+            self.host.pool.check_invariants()
+            assert all(r == 0 for r in self.host.pool.ref_counts), "a host block is still held"
         holders = [0] * self.pool.num_blocks
         for state in self._requests.values():
             for block in state.block_ids:

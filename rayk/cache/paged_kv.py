@@ -4,9 +4,10 @@ One allocation of shape ``[2, num_layers, num_blocks, block_size, num_kv_heads, 
 ``key_cache(l)`` and ``value_cache(l)`` are contiguous ``[num_blocks, block_size, num_kv_heads,
 head_dim]`` views of it, exactly what ``flash_attn_with_kvcache(..., block_table=...)`` takes.
 
-Blocks leave and enter as one gather or scatter of many blocks (``export_blocks`` /
-``import_blocks``): raw bytes plus a metadata dict of plain values, the single transfer format
-that host and disk tiers and peers use.
+Blocks leave and enter as one gather or scatter of many blocks: ``gather``/``scatter`` move a
+``[2, num_layers, n, block_size, kv_heads, head_dim]`` tensor between pools (device and host
+tiers), and ``export_blocks``/``import_blocks`` wrap the same path as raw bytes plus a metadata
+dict of plain values, for disk and peers.
 """
 
 from __future__ import annotations
@@ -38,6 +39,13 @@ class KVLayout:
     def bytes_per_block(self) -> int:
         return self.bytes_per_token * self.block_size
 
+    def blocks_from_bytes(self, payload: np.ndarray | bytes, num_blocks: int) -> torch.Tensor:
+        """A ``[2, num_layers, num_blocks, ...]`` CPU tensor over a copy of raw block bytes."""
+        raw = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        if raw.numel() != self.bytes_per_block * num_blocks:
+            raise ValueError(f"payload has {raw.numel()} bytes, {num_blocks} blocks need {self.bytes_per_block * num_blocks}")
+        return raw.view(self.dtype).view(2, self.num_layers, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+
     def to_metadata(self) -> dict:
         return {
             "layout": KV_LAYOUT,
@@ -52,13 +60,14 @@ class KVLayout:
 class PagedKVCache:
     """Preallocated K and V blocks for every layer of one model on one device."""
 
-    def __init__(self, layout: KVLayout, num_blocks: int, device: torch.device | str = "cpu"):
+    def __init__(self, layout: KVLayout, num_blocks: int, device: torch.device | str = "cpu", pin_memory: bool = False):
         self.layout = layout
         self.num_blocks = num_blocks
         self.kv = torch.zeros(
             (2, layout.num_layers, num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim),
             dtype=layout.dtype,
             device=device,
+            pin_memory=pin_memory,
         )
 
     @property
@@ -75,14 +84,23 @@ class PagedKVCache:
     def value_cache(self, layer: int) -> torch.Tensor:
         return self.kv[1, layer]
 
+    def gather(self, block_ids: Sequence[int]) -> torch.Tensor:
+        """A new ``[2, num_layers, n, block_size, kv_heads, head_dim]`` tensor of the given blocks."""
+        return self.kv.index_select(2, torch.as_tensor(block_ids, dtype=torch.long, device=self.device))
+
+    def scatter(self, block_ids: Sequence[int], blocks: torch.Tensor) -> None:
+        """Writes ``blocks`` (as ``gather`` returns them, on any device) into ``block_ids``, in order."""
+        index = torch.as_tensor(block_ids, dtype=torch.long, device=self.device)
+        # Synchronous: a caller may reuse the source as soon as this returns.
+        self.kv.index_copy_(2, index, blocks.to(self.device))
+
     def export_blocks(self, block_ids: Sequence[int]) -> tuple[np.ndarray, dict]:
         """Copies the given blocks out as one contiguous uint8 buffer plus its metadata.
 
         The buffer holds ``[2, num_layers, len(block_ids), block_size, kv_heads, head_dim]`` in
         the pool's dtype, blocks in the order given.
         """
-        index = torch.as_tensor(block_ids, dtype=torch.long, device=self.device)
-        blocks = self.kv.index_select(2, index).cpu().contiguous()
+        blocks = self.gather(block_ids).cpu().contiguous()
         metadata = self.layout.to_metadata() | {"num_blocks": len(block_ids)}
         return blocks.view(torch.uint8).numpy().reshape(-1), metadata
 
@@ -92,11 +110,4 @@ class PagedKVCache:
         if metadata != expected:
             mismatched = sorted(k for k in expected.keys() | metadata.keys() if metadata.get(k) != expected.get(k))
             raise ValueError(f"blocks do not fit this pool: metadata differs in {mismatched}")
-        raw = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-        layout = self.layout
-        shape = (2, layout.num_layers, len(block_ids), layout.block_size, layout.num_kv_heads, layout.head_dim)
-        if raw.numel() != layout.bytes_per_block * len(block_ids):
-            raise ValueError(f"payload has {raw.numel()} bytes, {len(block_ids)} blocks need {layout.bytes_per_block * len(block_ids)}")
-        blocks = raw.view(layout.dtype).view(shape).to(self.device)
-        index = torch.as_tensor(block_ids, dtype=torch.long, device=self.device)
-        self.kv.index_copy_(2, index, blocks)
+        self.scatter(block_ids, self.layout.blocks_from_bytes(payload, len(block_ids)))

@@ -7,16 +7,22 @@ After every step the pool's KV events are handed to subscribers as one batch.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import itertools
+import logging
 import math
 from collections.abc import Sequence
 
 import torch
 
 from rayk.cache.block_pool import BlockPool
+from rayk.cache.disk_tier import DiskTier
 from rayk.cache.events import KVEventSubscriber
+from rayk.cache.host_tier import HostTier
 from rayk.cache.kv_cache_manager import KVCacheManager
 from rayk.cache.paged_kv import KV_LAYOUT, KVLayout, PagedKVCache
+from rayk.cache.policies import make_policy
 from rayk.config import EngineConfig
 from rayk.engine.model_runner import ModelRunner
 from rayk.engine.request import Request
@@ -44,21 +50,30 @@ class LLMEngine:
         layout = KVLayout(self.arch.num_layers, block_size, self.arch.num_kv_heads, self.arch.head_dim, self.dtype)
         self.fingerprint = model_fingerprint(
             {
-                "architecture": self.arch.architecture,
+                "architecture": _architecture_fields(self.arch),
                 "weights": loaded.weights_identity,
                 "dtype": str(self.dtype),
                 "block_size": block_size,
                 "kv_layout": KV_LAYOUT,
-                "num_layers": layout.num_layers,
-                "num_kv_heads": layout.num_kv_heads,
-                "head_dim": layout.head_dim,
             }
         )
         num_blocks = cache_config.num_device_blocks or self._default_num_blocks(layout)
         self.kv_cache = PagedKVCache(layout, num_blocks, self.device)
-        self.pool = BlockPool(num_blocks, block_size, tier="device")
+        policy = cache_config.eviction_policy
+        # Each tier mirrors its own candidates, so each gets its own policy object.
+        fresh_policy = lambda: make_policy(policy) if isinstance(policy, str) else copy.deepcopy(policy)  # noqa: E731
+        self.pool = BlockPool(num_blocks, block_size, tier="device", policy=make_policy(policy), bytes_per_block=layout.bytes_per_block)
+        self.disk = None
+        if cache_config.disk_dir is not None:
+            self.disk = DiskTier(cache_config.disk_dir, layout, self.fingerprint, cache_config.disk_bytes, fresh_policy())
+        self.host = HostTier(layout, cache_config.host_blocks, fresh_policy(), lower=self.disk) if cache_config.host_blocks else None
         self.kv_cache_manager = KVCacheManager(
-            self.pool, BlockHasher(self.fingerprint, block_size, cache_config.hash_algorithm), cache_config.enable_prefix_caching
+            self.pool,
+            BlockHasher(self.fingerprint, block_size, cache_config.hash_algorithm),
+            cache_config.enable_prefix_caching,
+            kv_cache=self.kv_cache,
+            host=self.host,
+            disk=self.disk,
         )
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager)
         self.runner = ModelRunner(self.model, self.kv_cache, self.kv_cache_manager, self.attention_backend)
@@ -153,10 +168,21 @@ class LLMEngine:
         self._subscribers.append(subscriber)
 
     def _publish_events(self) -> None:
-        events = self.pool.events.drain()
+        buffers = [self.pool.events] + [t.pool.events if t is self.host else t.events for t in (self.host, self.disk) if t is not None]
+        events = [event for buffer in buffers for event in buffer.drain()]
         if events:
             for subscriber in self._subscribers:
-                subscriber(events)
+                try:
+                    subscriber(events)
+                except Exception:
+                    # A subscriber's failure must not lose the step's outputs or stall the engine.
+                    logging.getLogger(__name__).exception("KV event subscriber %r failed", subscriber)
+
+    def close(self) -> None:
+        """Writes every cached block to the disk tier, if there is one, and waits for the writes."""
+        if self.disk is not None:
+            self.kv_cache_manager.spill_to_disk()
+            self.disk.close()
 
     def _detokenize(self, request: Request) -> str | None:
         if self.tokenizer is None:
@@ -189,6 +215,29 @@ class LLMEngine:
                 "hit_tokens": kv.num_hit_tokens,
                 "miss_tokens": kv.num_query_tokens - kv.num_hit_tokens,
                 "hit_rate": kv.num_hit_tokens / kv.num_query_tokens if kv.num_query_tokens else 0.0,
+                "hit_tokens_by_tier": dict(kv.hit_tokens_by_tier),
+            },
+            "host_tier": None
+            if self.host is None
+            else {
+                "num_blocks": self.host.pool.num_blocks,
+                "cached_blocks": self.host.pool.num_cached_blocks,
+                "total_bytes": self.host.kv.num_bytes,
+                "stored_blocks": self.host.num_stored,
+                "loaded_blocks": self.host.num_loaded,
+                "evictions": self.host.pool.num_evictions,
+            },
+            "disk_tier": None
+            if self.disk is None
+            else {
+                "directory": str(self.disk.directory),
+                "cached_blocks": len(self.disk._index),
+                "used_bytes": self.disk.num_bytes,
+                "max_bytes": self.disk.max_bytes,
+                "stored_blocks": self.disk.num_stored,
+                "loaded_blocks": self.disk.num_loaded,
+                "evictions": self.disk.num_evictions,
+                "rejected_files": self.disk.num_rejected,
             },
             "scheduler": {
                 "waiting": len(self.scheduler.waiting),
@@ -215,6 +264,14 @@ class LLMEngine:
                 "lower max_model_len or raise the memory budget"
             )
         return num_blocks
+
+
+def _architecture_fields(arch) -> dict:
+    """Everything about the architecture that shapes KV, as plain values (token ids excluded)."""
+    fields = dataclasses.asdict(arch)
+    for name in ("torch_dtype", "bos_token_id", "eos_token_ids"):
+        fields.pop(name)
+    return fields
 
 
 def _resolve_device(device: str) -> torch.device:

@@ -17,7 +17,8 @@ class Request:
 
     ``num_computed_tokens`` of them have KV in the cache; the rest are computed in coming steps.
     Preemption resets it to 0 (the request is recomputed, usually from its own cached blocks).
-    ``num_cached_tokens`` is the prefix-cache hit at first admission.
+    ``num_cached_tokens`` is the prefix-cache hit at first admission, and
+    ``cached_tokens_by_tier`` where those tokens came from.
     """
 
     request_id: str
@@ -30,6 +31,7 @@ class Request:
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
     num_cached_tokens: int | None = None
+    cached_tokens_by_tier: dict[str, int] | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
     finish_reason: str | None = None
@@ -70,6 +72,7 @@ class Request:
             token_ids=self.token_ids[len(self.prompt_token_ids) :],
             text=text,
             num_cached_tokens=self.num_cached_tokens or 0,
+            cached_tokens_by_tier=dict(self.cached_tokens_by_tier or {}),
             finish_reason=self.finish_reason,
             ttft_s=None if self.first_token_time is None else self.first_token_time - self.arrival_time,
             latency_s=None if self.finish_time is None else self.finish_time - self.arrival_time,

@@ -1,6 +1,6 @@
 """Continuous batching: which requests run this step, and how many of their tokens.
 
-Every step has a budget of ``max_num_batched_tokens``. Running requests come first, in arrival
+Every step has a budget of ``max_num_batched_tokens``. Running requests come first, in admission
 order: each gets the tokens it still lacks KV for (one for decode, a chunk of its prompt while
 prefilling). Then waiting requests are admitted while the budget, ``max_num_seqs`` and free
 blocks allow; an admitted request starts at its cached prefix, so only the uncached suffix is
@@ -74,12 +74,15 @@ class Scheduler:
             request = self.waiting[0]
             hit = self.kv.find_prefix(request.request_id, request.token_ids, request.cache_salt)
             num_tokens = min(request.num_tokens - hit.num_tokens, budget)
-            if not self.kv.allocate_slots(request.request_id, hit.num_tokens + num_tokens, hit):
+            first_admission = request.num_cached_tokens is None
+            by_tier = self.kv.admit(request.request_id, hit.num_tokens + num_tokens, hit, count_stats=first_admission)
+            if by_tier is None:
                 break
             self.waiting.popleft()
             request.num_computed_tokens = hit.num_tokens
-            if request.num_cached_tokens is None:
+            if first_admission:
                 request.num_cached_tokens = hit.num_tokens
+                request.cached_tokens_by_tier = by_tier
             self.running.append(request)
             batch.add(request, num_tokens)
             budget -= num_tokens

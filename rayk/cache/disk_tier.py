@@ -1,0 +1,242 @@
+"""The disk tier: KV blocks in files that outlive the process.
+
+One segment file per block, named by its key, in ``directory``:
+
+    b"RAYKKV01" | header length (uint32, little-endian) | msgpack header | payload
+
+The header holds the block's key, parent key, depth, token ids, the model fingerprint, the KV
+layout (dtype, shape), the payload's length and its xxh3-64 checksum. Nothing is ever unpickled.
+
+On start the tier rebuilds its index from the headers, so a new engine on the same directory
+gets hits at once. A file whose header does not parse, was written for another model or layout,
+or is shorter than its header says, is deleted and counted in ``num_rejected``. The payload's
+checksum is verified each time a block is read; a block that fails it is deleted and counted
+too, and reads as a miss, so its tokens are recomputed, never served wrong.
+
+Files are written by a background thread (off the request's critical path) to a temporary name
+and renamed into place, so a crash never leaves a half-written file under a block's name. A
+block joins the index once its file is complete. The files' total size stays within
+``max_bytes``; the tier's eviction policy picks the files to delete.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+import torch
+import xxhash
+
+from rayk.cache.block_pool import BlockRecord
+from rayk.cache.events import EventBuffer
+from rayk.cache.paged_kv import KVLayout
+from rayk.cache.policies import BlockInfo, EvictionPolicy
+from rayk.hashing import BlockHash, token_bytes, token_ids_from_bytes
+
+MAGIC = b"RAYKKV01"
+SUFFIX = ".kvb"
+
+
+@dataclass(frozen=True)
+class _Entry:
+    path: Path
+    parent: BlockHash
+    depth: int
+    tokens: bytes
+    num_bytes: int
+    checksum: int
+    payload_offset: int
+
+
+class DiskTier:
+    name = "disk"
+
+    def __init__(self, directory: str | os.PathLike, layout: KVLayout, fingerprint: bytes, max_bytes: int, policy: EvictionPolicy):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.layout = layout
+        self.fingerprint = fingerprint
+        self.max_bytes = max_bytes
+        self.policy = policy
+        self.events = EventBuffer(self.name)
+        self._index: dict[BlockHash, _Entry] = {}
+        self._lock = threading.Lock()
+        self.num_bytes = 0
+        self.num_rejected = 0
+        self.num_stored = 0
+        self.num_loaded = 0
+        self.num_evictions = 0
+        self._rebuild_index()
+        self._queue: queue.Queue = queue.Queue()
+        self._writer = threading.Thread(target=self._write_loop, name="rayk-disk-writer", daemon=True)
+        self._writer.start()
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def contains(self, key: BlockHash) -> bool:
+        return key in self._index
+
+    def read(self, key: BlockHash, parent: BlockHash, tokens: bytes) -> torch.Tensor | None:
+        """The block's ``[2, layers, 1, ...]`` KV, or None if absent, not this block, or corrupt."""
+        with self._lock:
+            entry = self._index.get(key)
+        if entry is None or entry.parent != parent or entry.tokens != tokens:
+            return None
+        try:
+            with entry.path.open("rb") as f:
+                f.seek(entry.payload_offset)
+                payload = f.read(self.layout.bytes_per_block)
+        except OSError:
+            payload = b""
+        if len(payload) != self.layout.bytes_per_block or xxhash.xxh3_64_intdigest(payload) != entry.checksum:
+            self._reject(key, entry.path)
+            return None
+        with self._lock:
+            self.policy.on_access(BlockInfo(key, entry.depth, entry.num_bytes))
+        self.num_loaded += 1
+        return self.layout.blocks_from_bytes(payload, 1)
+
+    # -- writes -------------------------------------------------------------------------------
+
+    def store(self, records: Sequence[BlockRecord], blocks: torch.Tensor) -> None:
+        """Queues copies of ``blocks`` to be written; returns at once."""
+        data = blocks.cpu().contiguous()
+        for i, record in enumerate(records):
+            if record.key not in self._index:
+                payload = data[:, :, i].contiguous().view(torch.uint8).numpy().tobytes()
+                self._queue.put((record, payload))
+
+    def flush(self) -> None:
+        """Waits until every queued block is on disk (or dropped for lack of room)."""
+        self._queue.join()
+
+    def evict(self, keys: Sequence[BlockHash]) -> int:
+        with self._lock:
+            present = [k for k in keys if k in self._index]
+            for key in present:
+                self._delete(key)
+        return len(present)
+
+    def close(self) -> None:
+        self.flush()
+        self._queue.put(None)
+        self._writer.join()
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                self._write(*item)
+            finally:
+                self._queue.task_done()
+
+    def _write(self, record: BlockRecord, payload: bytes) -> None:
+        header = msgpack.packb(
+            {
+                "key": record.key,
+                "parent": record.parent,
+                "depth": record.depth,
+                "token_ids": token_ids_from_bytes(record.tokens),
+                "fingerprint": self.fingerprint,
+                "layout": self.layout.to_metadata(),
+                "payload_bytes": len(payload),
+                "checksum": xxhash.xxh3_64_intdigest(payload),
+            },
+            use_bin_type=True,
+        )
+        size = len(MAGIC) + 4 + len(header) + len(payload)
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            if record.key in self._index:
+                return
+            self._make_room(size)
+        path = self.directory / (record.key.hex() + SUFFIX)
+        temporary = path.with_suffix(".tmp")
+        with temporary.open("wb") as f:
+            f.write(MAGIC + len(header).to_bytes(4, "little") + header + payload)
+        os.replace(temporary, path)
+        entry = _Entry(path, record.parent, record.depth, record.tokens, size, xxhash.xxh3_64_intdigest(payload), size - len(payload))
+        with self._lock:
+            self._add(record.key, entry)
+        self.num_stored += 1
+
+    def _make_room(self, size: int) -> None:
+        """Deletes policy-chosen files until ``size`` more bytes fit (caller holds the lock)."""
+        while self.num_bytes + size > self.max_bytes and self._index:
+            victims = self.policy.select_victims(self._index, 1)
+            if not victims:
+                return
+            self._delete(victims[0])
+            self.num_evictions += 1
+
+    # -- the index ----------------------------------------------------------------------------
+
+    def _add(self, key: BlockHash, entry: _Entry) -> None:
+        self._index[key] = entry
+        self.num_bytes += entry.num_bytes
+        self.policy.on_insert(BlockInfo(key, entry.depth, entry.num_bytes))
+        self.events.stored(key)
+
+    def _delete(self, key: BlockHash) -> None:
+        entry = self._index.pop(key)
+        self.num_bytes -= entry.num_bytes
+        self.policy.on_remove(key)
+        self.events.removed(key)
+        entry.path.unlink(missing_ok=True)
+
+    def _reject(self, key: BlockHash, path: Path) -> None:
+        with self._lock:
+            if key in self._index:
+                self._delete(key)
+        path.unlink(missing_ok=True)
+        self.num_rejected += 1
+
+    def _rebuild_index(self) -> None:
+        for stale in self.directory.glob("*.tmp"):
+            stale.unlink(missing_ok=True)
+        for path in sorted(self.directory.glob("*" + SUFFIX), key=lambda p: p.stat().st_mtime):
+            entry_and_key = self._read_header(path)
+            if entry_and_key is None:
+                path.unlink(missing_ok=True)
+                self.num_rejected += 1
+            else:
+                self._add(entry_and_key[1], entry_and_key[0])
+        self.events.drain()
+
+    def _read_header(self, path: Path) -> tuple[_Entry, BlockHash] | None:
+        """The entry a file describes, or None if it is not a complete block file for this model."""
+        try:
+            size = path.stat().st_size
+            with path.open("rb") as f:
+                if f.read(len(MAGIC)) != MAGIC:
+                    return None
+                header_len = int.from_bytes(f.read(4), "little")
+                header = msgpack.unpackb(f.read(header_len), raw=False)
+        except (OSError, ValueError, msgpack.UnpackException):
+            return None
+        if not isinstance(header, dict):
+            return None
+        try:
+            key, payload_bytes = header["key"], header["payload_bytes"]
+            ok = (
+                header["fingerprint"] == self.fingerprint
+                and header["layout"] == self.layout.to_metadata()
+                and payload_bytes == self.layout.bytes_per_block
+                and size == len(MAGIC) + 4 + header_len + payload_bytes
+                and path.name == key.hex() + SUFFIX
+            )
+            if not ok:
+                return None
+            tokens = token_bytes(header["token_ids"])
+            entry = _Entry(path, header["parent"], int(header["depth"]), tokens, size, int(header["checksum"]), size - payload_bytes)
+        except (KeyError, TypeError, AttributeError, OverflowError):
+            return None
+        return entry, key

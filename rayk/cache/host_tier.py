@@ -1,0 +1,73 @@
+"""The host tier: KV blocks in (pinned, on CUDA) host memory, below a device pool.
+
+Its bookkeeping is a ``BlockPool`` of its own (tier "host", its own eviction policy) and its
+storage a CPU ``PagedKVCache`` of the same layout, so moving blocks either way is one gather and
+one scatter of many blocks. A host block is referenced while a copy reads or writes it, so the
+pool never hands it out, nor evicts it, mid-copy; when the tier needs room, its victims are
+passed to the tier below (disk) before they are overwritten.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from rayk.cache.block_pool import BlockPool, BlockRecord
+from rayk.cache.paged_kv import KVLayout, PagedKVCache
+from rayk.cache.policies import EvictionPolicy
+from rayk.hashing import BlockHash
+
+
+class HostTier:
+    name = "host"
+
+    def __init__(self, layout: KVLayout, num_blocks: int, policy: EvictionPolicy, lower=None):
+        self.layout = layout
+        self.pool = BlockPool(num_blocks, layout.block_size, tier=self.name, policy=policy, bytes_per_block=layout.bytes_per_block)
+        self.kv = PagedKVCache(layout, num_blocks, "cpu", pin_memory=torch.cuda.is_available())
+        self.lower = lower
+        self.num_stored = 0
+        self.num_loaded = 0
+
+    def lookup(self, key: BlockHash, parent: BlockHash, tokens: bytes) -> int | None:
+        return self.pool.lookup(key, parent, tokens)
+
+    def store(self, records: Sequence[BlockRecord], blocks: torch.Tensor) -> None:
+        """Keeps copies of ``blocks`` (``[2, layers, n, ...]``, ``records[i]`` describing block i).
+
+        Keys already here are skipped. What does not fit goes to the tier below, as do the
+        victims evicted to make room.
+        """
+        fresh = [i for i, r in enumerate(records) if r.key not in self.pool.cached]
+        kept = fresh[: self.pool.num_free_blocks]
+        overflow = fresh[len(kept) :]
+        if overflow and self.lower is not None:
+            self.lower.store([records[i] for i in overflow], blocks[:, :, overflow])
+        if not kept:
+            return
+        evicted: list[BlockRecord] = []
+        slots = self.pool.allocate(len(kept), evicted)
+        if evicted and self.lower is not None:
+            self.lower.store(evicted, self.kv.gather([r.block for r in evicted]))
+        self.kv.scatter(slots, blocks[:, :, kept])
+        for slot, i in zip(slots, kept):
+            r = records[i]
+            self.pool.cache_block(slot, r.key, r.parent, r.tokens, r.depth)
+        self.pool.free(slots)
+        self.num_stored += len(kept)
+
+    def hold(self, slots: Sequence[int]) -> None:
+        """Protects slots a prefix hit will read from eviction until ``release``."""
+        self.pool.touch(slots)
+
+    def release(self, slots: Sequence[int]) -> None:
+        self.pool.free(slots)
+
+    def read(self, slots: Sequence[int]) -> torch.Tensor:
+        self.num_loaded += len(slots)
+        return self.kv.gather(slots)
+
+    def evict(self, keys) -> int:
+        evicted = self.pool.evict(keys)
+        return len(evicted)

@@ -1,0 +1,94 @@
+"""A device pool too small for the working set, with host and disk tiers below it: outputs stay
+equal to transformers', report where their cached tokens came from, and survive a restart and
+damaged files."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+import rayk
+from rayk.cache.disk_tier import MAGIC, SUFFIX
+from tests.conftest import BLOCK_SIZE, hf_greedy, random_prompts
+
+MAX_NEW = 6
+GREEDY = rayk.SamplingParams(temperature=0, max_tokens=MAX_NEW)
+LENGTHS = (40, 50, 45, 60, 38, 55)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return random_prompts(LENGTHS, seed=21)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, prompts):
+    return hf_greedy(tiny_model_dir, prompts, MAX_NEW)
+
+
+def _tiered_llm(model_dir, disk_dir, **options):
+    # 8 device blocks hold about two requests; 6 host blocks two more; the rest go to disk.
+    return rayk.LLM(model_dir, block_size=BLOCK_SIZE, num_device_blocks=8, host_blocks=6, disk_dir=str(disk_dir), max_num_seqs=2, **options)
+
+
+def _run_one_by_one(llm, prompts):
+    return [llm.generate(p, GREEDY)[0] for p in prompts]
+
+
+def test_a_small_device_pool_serves_from_host_and_disk_with_identical_tokens(tiny_model_dir, tmp_path, prompts, reference):
+    llm = _tiered_llm(tiny_model_dir, tmp_path / "kv")
+    cold = _run_one_by_one(llm, prompts)
+    llm.engine.disk.flush()
+    # Newest first: the last prompts are still on the device, older ones on the host, the oldest on disk.
+    warm = _run_one_by_one(llm, prompts[::-1])[::-1]
+    assert [o.token_ids for o in cold] == [o.token_ids for o in warm] == reference
+    by_tier = {tier: sum(o.cached_tokens_by_tier[tier] for o in warm) for tier in ("device", "host", "disk", "remote")}
+    assert by_tier["device"] > 0 and by_tier["host"] > 0 and by_tier["disk"] > 0 and by_tier["remote"] == 0
+    assert all(sum(o.cached_tokens_by_tier.values()) == o.num_cached_tokens > 0 for o in warm)
+    assert llm.stats()["prefix_cache"]["hit_tokens_by_tier"] == by_tier
+    llm.engine.kv_cache_manager.check_invariants()
+    llm.close()
+
+
+def test_a_new_llm_on_the_same_disk_dir_is_served_from_disk(tiny_model_dir, tmp_path, prompts, reference):
+    first = _tiered_llm(tiny_model_dir, tmp_path / "kv")
+    _run_one_by_one(first, prompts)
+    first.close()
+    second = rayk.LLM(tiny_model_dir, block_size=BLOCK_SIZE, disk_dir=str(tmp_path / "kv"))
+    outputs = second.generate(prompts, GREEDY)
+    assert [o.token_ids for o in outputs] == reference
+    assert [o.cached_tokens_by_tier["disk"] for o in outputs] == [(n - 1) // BLOCK_SIZE * BLOCK_SIZE for n in LENGTHS]
+    second.close()
+
+
+def _rewrite_header(path, **changes):
+    data = path.read_bytes()
+    length = int.from_bytes(data[len(MAGIC) : len(MAGIC) + 4], "little")
+    header = msgpack.unpackb(data[len(MAGIC) + 4 : len(MAGIC) + 4 + length])
+    header.update(changes)
+    packed = msgpack.packb(header, use_bin_type=True)
+    path.write_bytes(MAGIC + len(packed).to_bytes(4, "little") + packed + data[len(MAGIC) + 4 + length :])
+
+
+def test_damaged_or_foreign_files_are_rejected_counted_and_recomputed(tiny_llama_dir, tmp_path, prompts):
+    reference = hf_greedy(tiny_llama_dir, prompts, MAX_NEW)
+    first = _tiered_llm(tiny_llama_dir, tmp_path / "kv")
+    _run_one_by_one(first, prompts)
+    first.close()
+    files = sorted((tmp_path / "kv").glob("*" + SUFFIX))
+    assert len(files) >= 4
+    flipped, truncated, foreign_model, foreign_block_size = files[:4]
+    data = bytearray(flipped.read_bytes())
+    data[-100] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    truncated.write_bytes(truncated.read_bytes()[:-10])
+    _rewrite_header(foreign_model, fingerprint=b"another model".ljust(32, b"\0"))
+    _rewrite_header(foreign_block_size, layout={"layout": "x", "block_size": 32})
+
+    second = rayk.LLM(tiny_llama_dir, block_size=BLOCK_SIZE, disk_dir=str(tmp_path / "kv"))
+    assert second.stats()["disk_tier"]["rejected_files"] == 3
+    outputs = second.generate(prompts, GREEDY)
+    assert [o.token_ids for o in outputs] == reference
+    assert second.stats()["disk_tier"]["rejected_files"] == 4
+    assert not flipped.exists() and not truncated.exists() and not foreign_model.exists() and not foreign_block_size.exists()
+    second.close()
