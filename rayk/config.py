@@ -6,6 +6,7 @@ unchanged. Every error names the field and the allowed range.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from rayk.cache.policies import EvictionPolicy, make_policy
@@ -49,7 +50,7 @@ class ModelConfig:
         if not isinstance(self.model, str) or not self.model:
             raise TypeError(f"ModelConfig.model must be a non-empty path string, got {self.model!r}")
         _check_choice("ModelConfig", "dtype", self.dtype, DTYPES)
-        if not isinstance(self.device, str) or not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+        if not isinstance(self.device, str) or not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
             raise ValueError(f"ModelConfig.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         _check_positive_int("ModelConfig", "max_model_len", self.max_model_len, allow_none=True)
         _check_choice("ModelConfig", "attention_backend", self.attention_backend, ATTENTION_BACKENDS)
@@ -84,6 +85,8 @@ class CacheConfig:
         if not isinstance(self.enable_prefix_caching, bool):
             raise TypeError(f"CacheConfig.enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
         _check_choice("CacheConfig", "hash_algorithm", self.hash_algorithm, HASH_ALGORITHMS)
+        if isinstance(self.gpu_memory_utilization, bool) or not isinstance(self.gpu_memory_utilization, (int, float)):
+            raise TypeError(f"CacheConfig.gpu_memory_utilization must be a number, got {self.gpu_memory_utilization!r}")
         if not (0.0 < self.gpu_memory_utilization <= 1.0):
             raise ValueError(f"CacheConfig.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         _check_positive_int("CacheConfig", "cpu_kv_cache_bytes", self.cpu_kv_cache_bytes)

@@ -61,13 +61,18 @@ class LLM:
         batch = _as_batch(prompts)
         params = _params_for(batch, sampling_params)
         engine = self.engine
-        token_ids = [engine.validate_request(p, sp, index=i) for i, (p, sp) in enumerate(zip(batch, params))]
-        request_ids = [engine.add_validated_request(t, sp, cache_salt=cache_salt) for t, sp in zip(token_ids, params)]
+        token_ids = [engine.validate_request(p, sp, index=i, cache_salt=cache_salt) for i, (p, sp) in enumerate(zip(batch, params))]
+        request_ids: list[str] = []
         outputs: dict[str, RequestOutput] = {}
         try:
+            for t, sp in zip(token_ids, params):
+                request_ids.append(engine.add_validated_request(t, sp, cache_salt=cache_salt))
+            mine = set(request_ids)
+            # Requests added directly to the engine may finish here too; they are not ours to return.
             while len(outputs) < len(request_ids):
                 for output in engine.step():
-                    outputs[output.request_id] = output
+                    if output.request_id in mine:
+                        outputs[output.request_id] = output
         finally:
             for request_id in request_ids:
                 if request_id not in outputs:

@@ -8,9 +8,12 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """``temperature`` 0 is greedy. ``top_k`` -1 (or 0) keeps every token; ``top_p`` is in (0, 1].
+    """``temperature`` 0 (or below 1e-5) is greedy. ``top_k`` -1 (or 0) keeps every token;
+    ``top_p`` is in (0, 1].
 
-    ``seed`` makes a request's sampling reproducible on its own, whatever it is batched with.
+    ``seed`` gives the request its own random stream, so its draws do not depend on what it is
+    batched with (in float32 the logits do not either; in half precision they may differ in the
+    last bits between batch shapes).
     Generation stops at ``max_tokens`` new tokens, at any of ``stop_token_ids``, or at the
     model's end-of-sequence token unless ``ignore_eos``.
     """
@@ -40,10 +43,13 @@ class SamplingParams:
             raise TypeError(f"max_tokens must be an int, got {type(self.max_tokens).__name__}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise TypeError(f"seed must be an int or None, got {type(self.seed).__name__}")
+        if self.seed is not None:
+            if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+                raise TypeError(f"seed must be an int or None, got {type(self.seed).__name__}")
+            if not -(2**63) <= self.seed < 2**64:
+                raise ValueError(f"seed must be in [-2**63, 2**64), got {self.seed}")
         stop = self.stop_token_ids
-        if isinstance(stop, (str, bytes)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in stop):
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in stop):
             raise TypeError(f"stop_token_ids must be a sequence of ints, got {stop!r}")
         object.__setattr__(self, "stop_token_ids", tuple(stop))
         if not isinstance(self.ignore_eos, bool):
@@ -51,4 +57,5 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        # Below 1e-5 dividing logits by the temperature overflows; the argmax is the limit anyway.
+        return self.temperature < 1e-5 or self.top_k == 1

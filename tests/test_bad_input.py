@@ -153,3 +153,79 @@ def test_string_prompt_without_tokenizer_asks_for_token_ids(tiny_qwen3_dir):
     with pytest.raises(TypeError, match="no tokenizer.json: pass token ids"):
         llm.generate("hello", GREEDY)
     assert len(llm.generate(GOOD_PROMPT, GREEDY)[0].token_ids) == 4
+
+
+def test_generate_returns_its_own_outputs_when_others_share_the_engine(llm, good_reference):
+    other = llm.engine.add_request([9, 8, 7], rayk.SamplingParams(temperature=0, max_tokens=1), request_id="1")
+    outputs = llm.generate([GOOD_PROMPT, GOOD_PROMPT], GREEDY)
+    assert [o.token_ids for o in outputs] == [good_reference, good_reference]
+    assert other not in [o.request_id for o in outputs]
+    while llm.engine.has_unfinished_requests():
+        llm.engine.step()
+
+
+def test_an_out_of_range_seed_is_refused_before_anything_is_queued():
+    with pytest.raises(ValueError, match=r"seed must be in \[-2\*\*63, 2\*\*64\)"):
+        rayk.SamplingParams(seed=2**64)
+
+
+def test_a_cache_salt_of_the_wrong_type_is_refused_and_the_engine_keeps_serving(llm, good_reference):
+    with pytest.raises(TypeError, match="cache_salt must be a str, bytes or None, got int"):
+        llm.generate(GOOD_PROMPT, GREEDY, cache_salt=5)
+    with pytest.raises(TypeError, match="cache_salt"):
+        llm.engine.add_request(GOOD_PROMPT, GREEDY, cache_salt=5)
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.generate(GOOD_PROMPT, GREEDY)[0].token_ids == good_reference
+
+
+def test_automatic_request_ids_skip_ids_chosen_by_the_user(llm):
+    taken = [llm.engine.add_request(GOOD_PROMPT, GREEDY, request_id=str(i)) for i in range(3)]
+    outputs = llm.generate([GOOD_PROMPT, GOOD_PROMPT], GREEDY)
+    assert not set(o.request_id for o in outputs) & set(taken)
+    while llm.engine.has_unfinished_requests():
+        llm.engine.step()
+
+
+def test_a_failing_event_subscriber_loses_no_output(tiny_llama_dir, good_reference):
+    llm = rayk.LLM(tiny_llama_dir, max_model_len=64)
+
+    def broken(events):
+        raise RuntimeError("subscriber bug")
+
+    llm.engine.subscribe(broken)
+    assert llm.generate([GOOD_PROMPT] * 2, GREEDY)[1].token_ids == good_reference
+    assert llm.stats()["requests"]["finished"] == 2
+
+
+@pytest.mark.parametrize("field, value, error, match", [
+    ("dtype", "float64", ValueError, "unsupported dtype 'float64' in config.json"),
+    ("hidden_act", "gelu", ValueError, "unsupported hidden_act 'gelu'"),
+])
+def test_unsupported_config_values_are_named(tiny_llama_dir, tmp_path, field, value, error, match):
+    shutil.copytree(tiny_llama_dir, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config[field] = value
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(error, match=match):
+        rayk.LLM(str(tmp_path / "m"))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"stop_token_ids": None}, "stop_token_ids must be a sequence of ints"),
+    ({"stop_token_ids": 5}, "stop_token_ids must be a sequence of ints"),
+])
+def test_stop_token_ids_of_the_wrong_type_name_the_field(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        rayk.SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"device": "cuda:x"}, ValueError, "ModelConfig.device must be"),
+    ({"gpu_memory_utilization": "high"}, TypeError, "CacheConfig.gpu_memory_utilization must be a number"),
+    ({"host_blocks": -1}, ValueError, "CacheConfig.host_blocks must be an int >= 0"),
+    ({"disk_dir": 3}, TypeError, "CacheConfig.disk_dir must be a directory path"),
+    ({"eviction_policy": "fifo"}, ValueError, "eviction_policy must be an EvictionPolicy or one of"),
+])
+def test_more_bad_engine_options_name_the_field(tiny_llama_dir, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        rayk.LLM(tiny_llama_dir, **kwargs)

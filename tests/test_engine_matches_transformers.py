@@ -140,3 +140,27 @@ def test_kv_events_announce_stored_blocks(tiny_llama_dir):
     # 40 prompt + 11 output tokens have KV (the last sampled token never ran): 3 full blocks.
     assert stored == llm.engine.kv_cache_manager.hasher.hash_blocks((prompt + output.token_ids)[:48])
     assert all(e.tier == "device" for batch in batches for e in batch)
+
+
+def test_preemption_does_not_inflate_prefix_cache_statistics(tiny_llama_dir):
+    prompts = random_prompts(LENGTHS, seed=7)
+    llm = rayk.LLM(tiny_llama_dir, block_size=BLOCK_SIZE, num_device_blocks=8)
+    llm.generate(prompts, GREEDY)
+    stats = llm.stats()
+    assert stats["scheduler"]["preemptions"] > 0
+    assert stats["prefix_cache"]["query_tokens"] == sum(LENGTHS)
+
+
+def test_a_long_prefill_joining_running_decodes_gives_identical_tokens(tiny_model_dir):
+    short, long_prompt = random_prompts((5, 9, 12), seed=31), random_prompts([300], seed=32)[0]
+    reference = hf_greedy(tiny_model_dir, short + [long_prompt], MAX_NEW)
+    engine = rayk.LLM(tiny_model_dir, block_size=BLOCK_SIZE).engine
+    ids = [engine.add_request(p, GREEDY) for p in short]
+    outputs = {}
+    for _ in range(3):
+        outputs |= {o.request_id: o for o in engine.step()}
+    ids.append(engine.add_request(long_prompt, GREEDY))
+    # The next step prefills 300 tokens beside three decodes: separate attention groups.
+    while engine.has_unfinished_requests():
+        outputs |= {o.request_id: o for o in engine.step()}
+    assert [outputs[i].token_ids for i in ids] == reference

@@ -70,3 +70,16 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     params = [rayk.SamplingParams(temperature=1.0, top_p=0.75)]
     drawn = {sample(logits, params, [torch.Generator().manual_seed(s)])[0] for s in range(300)}
     assert drawn == {0, 1}
+
+
+def test_a_vanishing_temperature_is_greedy_not_nan(llm):
+    prompt = random_prompts([12], seed=3)[0]
+    greedy = llm.generate(prompt, rayk.SamplingParams(temperature=0, max_tokens=6))[0].token_ids
+    assert llm.generate(prompt, rayk.SamplingParams(temperature=1e-45, max_tokens=6))[0].token_ids == greedy
+
+
+def test_top_k_keeps_exactly_k_tokens_when_logits_tie():
+    logits = torch.zeros(1, 6)
+    params = [rayk.SamplingParams(temperature=1.0, top_k=2)]
+    drawn = {sample(logits, params, [torch.Generator().manual_seed(s)])[0] for s in range(200)}
+    assert len(drawn) == 2

@@ -28,12 +28,12 @@ from rayk.engine.model_runner import ModelRunner
 from rayk.engine.request import Request
 from rayk.engine.scheduler import Scheduler
 from rayk.hashing import BlockHasher, model_fingerprint
+from rayk.model.architecture import TORCH_DTYPES
 from rayk.model.attention import FLASH_ATTN_BLOCK_SIZE_MULTIPLE, flash_attn_available
 from rayk.model.loader import load_model
 from rayk.outputs import RequestOutput
 from rayk.sampling_params import SamplingParams
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class LLMEngine:
@@ -86,9 +86,13 @@ class LLMEngine:
 
     # -- requests -----------------------------------------------------------------------------
 
-    def validate_request(self, prompt: str | Sequence[int], params: SamplingParams, index: int | None = None) -> list[int]:
+    def validate_request(
+        self, prompt: str | Sequence[int], params: SamplingParams, index: int | None = None, cache_salt: str | bytes | None = None
+    ) -> list[int]:
         """The prompt's token ids, or a ValueError/TypeError naming what is wrong. Changes nothing."""
         where = "prompt" if index is None else f"prompts[{index}]"
+        if cache_salt is not None and not isinstance(cache_salt, (str, bytes)):
+            raise TypeError(f"cache_salt must be a str, bytes or None, got {type(cache_salt).__name__}")
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params for {where} must be a rayk.SamplingParams, got {type(params).__name__}")
         if isinstance(prompt, str):
@@ -121,11 +125,12 @@ class LLMEngine:
         return token_ids
 
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams, *, cache_salt: str | None = None, request_id: str | None = None) -> str:
-        token_ids = self.validate_request(prompt, params)
+        token_ids = self.validate_request(prompt, params, cache_salt=cache_salt)
         return self.add_validated_request(token_ids, params, cache_salt=cache_salt, request_id=request_id)
 
     def add_validated_request(self, token_ids: list[int], params: SamplingParams, *, cache_salt: str | None = None, request_id: str | None = None) -> str:
-        request_id = request_id if request_id is not None else next(self._request_ids)
+        if request_id is None:
+            request_id = next(i for i in self._request_ids if i not in self._requests)
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         generator = None
@@ -269,7 +274,7 @@ class LLMEngine:
 def _architecture_fields(arch) -> dict:
     """Everything about the architecture that shapes KV, as plain values (token ids excluded)."""
     fields = dataclasses.asdict(arch)
-    for name in ("torch_dtype", "bos_token_id", "eos_token_ids"):
+    for name in ("torch_dtype", "eos_token_ids"):
         fields.pop(name)
     return fields
 
@@ -285,7 +290,7 @@ def _resolve_device(device: str) -> torch.device:
 def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
     """None keeps the checkpoint's dtype (CUDA); the CPU computes in float32 unless told otherwise."""
     if dtype != "auto":
-        return _DTYPES[dtype]
+        return TORCH_DTYPES[dtype]
     return None if device.type == "cuda" else torch.float32
 
 

@@ -16,7 +16,7 @@ class ModelRunner:
     def __init__(self, model: CausalLM, kv_cache: PagedKVCache, kv_cache_manager: KVCacheManager, attention_backend: str):
         self.model = model
         self.kv_cache = kv_cache
-        self.kv = kv_cache_manager
+        self.kv_cache_manager = kv_cache_manager
         self.device = kv_cache.device
         self.block_size = kv_cache.layout.block_size
         self.attention_backend = attention_backend
@@ -30,16 +30,16 @@ class ModelRunner:
         context_lens: list[int] = []
         block_tables: list[list[int]] = []
         sample_rows: list[int] = []
-        samples: list[bool] = []
+        needs_sample: list[bool] = []
         for request, num_new in zip(batch.requests, batch.num_new_tokens):
             start = request.num_computed_tokens
             end = start + num_new
             input_ids.extend(request.token_ids[start:end])
             positions.extend(range(start, end))
             context_lens.append(end)
-            block_tables.append(self.kv.block_ids(request.request_id))
-            samples.append(end == request.num_tokens)
-            if samples[-1]:
+            block_tables.append(self.kv_cache_manager.block_ids(request.request_id))
+            needs_sample.append(end == request.num_tokens)
+            if needs_sample[-1]:
                 sample_rows.append(len(input_ids) - 1)
         metadata = build_attention_metadata(
             batch.num_new_tokens, context_lens, block_tables, self.block_size, self.device, self.attention_backend
@@ -52,7 +52,7 @@ class ModelRunner:
         )
         if not sample_rows:
             return [None] * len(batch)
-        sampling = [r for r, s in zip(batch.requests, samples) if s]
+        sampling = [r for r, s in zip(batch.requests, needs_sample) if s]
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
         tokens = iter(sample(logits, [r.params for r in sampling], [r.generator for r in sampling]))
-        return [next(tokens) if s else None for s in samples]
+        return [next(tokens) if s else None for s in needs_sample]

@@ -41,7 +41,7 @@ class ScheduledBatch:
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager):
         self.config = config
-        self.kv = kv_cache_manager
+        self.kv_cache_manager = kv_cache_manager
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -60,7 +60,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
-            while not self.kv.allocate_slots(request.request_id, request.num_computed_tokens + num_tokens):
+            while not self.kv_cache_manager.allocate_slots(request.request_id, request.num_computed_tokens + num_tokens):
                 victim = self.running.pop()
                 self._preempt(victim)
                 preempted = True
@@ -72,10 +72,10 @@ class Scheduler:
                 i += 1
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            hit = self.kv.find_prefix(request.request_id, request.token_ids, request.cache_salt)
+            hit = self.kv_cache_manager.find_prefix(request.request_id, request.token_ids, request.cache_salt)
             num_tokens = min(request.num_tokens - hit.num_tokens, budget)
             first_admission = request.num_cached_tokens is None
-            by_tier = self.kv.admit(request.request_id, hit.num_tokens + num_tokens, hit, count_stats=first_admission)
+            by_tier = self.kv_cache_manager.admit(request.request_id, hit.num_tokens + num_tokens, hit, count_stats=first_admission)
             if by_tier is None:
                 break
             self.waiting.popleft()
@@ -93,12 +93,12 @@ class Scheduler:
         finished = []
         for request, num_tokens, token in zip(batch.requests, batch.num_new_tokens, sampled):
             request.num_computed_tokens += num_tokens
-            self.kv.cache_blocks(request.request_id, request.token_ids, request.num_computed_tokens)
+            self.kv_cache_manager.cache_blocks(request.request_id, request.token_ids, request.num_computed_tokens)
             if token is None:
                 continue
             request.append_token(token)
             if request.finished:
-                self.kv.free(request.request_id)
+                self.kv_cache_manager.free(request.request_id)
                 finished.append(request)
         if finished:
             self.running = [r for r in self.running if not r.finished]
@@ -109,13 +109,13 @@ class Scheduler:
             for request in queue:
                 if request.request_id == request_id:
                     queue.remove(request)
-                    self.kv.free(request_id)
+                    self.kv_cache_manager.free(request_id)
                     request.finish_reason = "abort"
                     return request
         return None
 
     def _preempt(self, request: Request) -> None:
-        self.kv.free(request.request_id)
+        self.kv_cache_manager.free(request.request_id)
         request.num_computed_tokens = 0
         self.waiting.appendleft(request)
         self.num_preemptions += 1

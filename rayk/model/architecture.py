@@ -11,7 +11,7 @@ import torch
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen3ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,6 @@ class DecoderArchitecture:
     mlp_bias: bool = False
     qk_norm: bool = False
     torch_dtype: torch.dtype = torch.float32
-    bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
     @classmethod
@@ -48,6 +47,10 @@ class DecoderArchitecture:
             raise ValueError(f"unsupported hidden_act {config['hidden_act']!r} in config.json; rayk serves 'silu'")
         if config.get("use_sliding_window"):
             raise ValueError("config.json asks for sliding-window attention, which rayk does not serve")
+        checkpoint_dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+        if checkpoint_dtype not in TORCH_DTYPES:
+            raise ValueError(f"unsupported dtype {checkpoint_dtype!r} in config.json; rayk serves {tuple(TORCH_DTYPES)}")
+        rope = _rope_parameters(config)
         try:
             num_heads = int(config["num_attention_heads"])
             hidden_size = int(config["hidden_size"])
@@ -61,15 +64,14 @@ class DecoderArchitecture:
                 num_kv_heads=int(config.get("num_key_value_heads") or num_heads),
                 head_dim=int(config.get("head_dim") or hidden_size // num_heads),
                 rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(_rope_parameters(config).get("rope_theta", 10000.0)),
-                rope_scaling=_rope_parameters(config),
+                rope_theta=float(rope.get("rope_theta", 10000.0)),
+                rope_scaling=rope,
                 max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
                 tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
                 attention_bias=bool(config.get("attention_bias", False)),
                 mlp_bias=bool(config.get("mlp_bias", False)),
                 qk_norm=architecture == "Qwen3ForCausalLM",
-                torch_dtype=_DTYPES.get(config.get("dtype") or config.get("torch_dtype") or "float32", torch.float32),
-                bos_token_id=config.get("bos_token_id"),
+                torch_dtype=TORCH_DTYPES[checkpoint_dtype],
                 eos_token_ids=_as_tuple(config.get("eos_token_id")),
             )
         except KeyError as missing:

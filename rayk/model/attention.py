@@ -12,9 +12,11 @@ Two backends give the same numbers:
   tokens, ``flash_attn_with_kvcache(..., block_table=)`` for pure decode. CUDA only; flash-attn 2
   needs ``block_size % 256 == 0`` for paged KV.
 * ``torch``: gathers each sequence's blocks through the block table (one ``index_select`` of
-  whole blocks per layer and tensor) and calls ``scaled_dot_product_attention`` once for the
-  whole padded batch. The mask and query placement are built once per step
-  (``TorchAttentionPlan``) and shared by every layer.
+  whole blocks per group, layer and tensor) and calls ``scaled_dot_product_attention`` on a
+  padded group of sequences. Decoding sequences form one group; prefilling sequences form
+  another when padding them to one shape wastes at most half of it, else one group each, so a
+  long prefill chunk never pads the decodes beside it. The groups' masks and indices are built
+  once per step and shared by every layer.
 """
 
 from __future__ import annotations
@@ -39,10 +41,13 @@ def flash_attn_available() -> bool:
 
 
 @dataclass
-class TorchAttentionPlan:
-    block_ids: torch.Tensor  # [batch * max_blocks] the block tables, flat; padding points at block 0
-    query_rows: torch.Tensor | None  # [tokens] row of each new token in the padded batch; None if unpadded
-    mask: torch.Tensor  # [batch, 1, max_query_len, max_blocks * block_size] bool, True = attend
+class AttentionGroup:
+    """Sequences attended together, padded to one shape."""
+
+    rows: torch.Tensor | None  # [group tokens] their rows in the step's flat batch; None: every row
+    block_ids: torch.Tensor  # [sequences * max_blocks] their block tables, flat; padding is block 0
+    query_rows: torch.Tensor | None  # [group tokens] each token's row in the padded queries; None if unpadded
+    mask: torch.Tensor  # [sequences, 1, max_query_len, max_blocks * block_size] bool, True = attend
 
 
 @dataclass
@@ -55,7 +60,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [batch, max_blocks] int32, padded with 0
     max_query_len: int
     max_context_len: int
-    torch_plan: TorchAttentionPlan | None = None
+    torch_groups: list[AttentionGroup] | None = None
 
 
 def build_attention_metadata(
@@ -80,9 +85,9 @@ def build_attention_metadata(
     positions = np.arange(len(owners)) - starts[owners] + (ctx_lens - q_lens)[owners]
     slot_mapping = table[owners, positions // block_size].astype(np.int64) * block_size + positions % block_size
     max_query_len, max_context_len = int(q_lens.max()), int(ctx_lens.max())
-    plan = None
+    groups = None
     if backend == "torch":
-        plan = _torch_plan(table, q_lens, ctx_lens, owners, starts, block_size, device)
+        groups = _torch_groups(table, q_lens, ctx_lens, starts, block_size, device)
     return AttentionMetadata(
         backend=backend,
         slot_mapping=torch.from_numpy(slot_mapping).to(device),
@@ -92,22 +97,39 @@ def build_attention_metadata(
         block_tables=torch.from_numpy(table).to(device),
         max_query_len=max_query_len,
         max_context_len=max_context_len,
-        torch_plan=plan,
+        torch_groups=groups,
     )
 
 
-def _torch_plan(table, q_lens, ctx_lens, owners, starts, block_size, device) -> TorchAttentionPlan:
-    batch, max_blocks = table.shape
+def _torch_groups(table, q_lens, ctx_lens, starts, block_size, device) -> list[AttentionGroup]:
+    decoding = np.flatnonzero(q_lens == 1)
+    prefilling = np.flatnonzero(q_lens > 1)
+    members = [decoding] if len(decoding) else []
+    if len(prefilling):
+        padded = len(prefilling) * q_lens[prefilling].max() * ctx_lens[prefilling].max()
+        if padded <= 2 * int((q_lens[prefilling].astype(np.int64) * ctx_lens[prefilling]).sum()):
+            members.append(prefilling)
+        else:
+            members.extend(prefilling[i : i + 1] for i in range(len(prefilling)))
+    whole_batch = len(members) == 1
+    return [_torch_group(table, q_lens, ctx_lens, starts, seqs, block_size, device, whole_batch) for seqs in members]
+
+
+def _torch_group(table, q_lens, ctx_lens, starts, seqs, block_size, device, whole_batch) -> AttentionGroup:
+    q_lens, ctx_lens, starts = q_lens[seqs], ctx_lens[seqs], starts[seqs]
+    num_blocks = -(-int(ctx_lens.max()) // block_size)
     max_q = int(q_lens.max())
-    key_pos = np.arange(max_blocks * block_size)
+    key_pos = np.arange(num_blocks * block_size)
     # The last key query i may see: causal within the sequence, and never past its context.
     last_key = (ctx_lens - q_lens)[:, None] + np.arange(max_q)[None, :]
     mask = (key_pos[None, None, :] <= last_key[:, :, None]) & (key_pos[None, None, :] < ctx_lens[:, None, None])
-    query_rows = None
-    if max_q > 1:
-        query_rows = torch.from_numpy(owners * max_q + np.arange(len(owners)) - starts[owners]).to(device)
-    return TorchAttentionPlan(
-        block_ids=torch.from_numpy(table.reshape(-1).astype(np.int64)).to(device),
+    owners = np.repeat(np.arange(len(seqs)), q_lens)
+    offsets = np.arange(len(owners)) - (np.cumsum(q_lens) - q_lens)[owners]
+    rows = None if whole_batch else torch.from_numpy(starts[owners] + offsets).to(device)
+    query_rows = None if max_q == 1 else torch.from_numpy(owners * max_q + offsets).to(device)
+    return AttentionGroup(
+        rows=rows,
+        block_ids=torch.from_numpy(table[seqs, :num_blocks].reshape(-1).astype(np.int64)).to(device),
         query_rows=query_rows,
         mask=torch.from_numpy(mask[:, None]).to(device),
     )
@@ -118,10 +140,17 @@ def paged_attention(q, k, v, key_cache, value_cache, metadata: AttentionMetadata
     store_kvcache(k, v, key_cache, value_cache, metadata.slot_mapping)
     if metadata.backend == "flash_attn":
         return _flash_attention(q, key_cache, value_cache, metadata, scale)
-    return _torch_attention(q, key_cache, value_cache, metadata.torch_plan, scale)
+    groups = metadata.torch_groups
+    if len(groups) == 1 and groups[0].rows is None:
+        return _torch_attention(q, key_cache, value_cache, groups[0], scale)
+    out = torch.empty_like(q)
+    for group in groups:
+        out[group.rows] = _torch_attention(q[group.rows], key_cache, value_cache, group, scale)
+    return out
 
 
-def _torch_attention(q, key_cache, value_cache, plan: TorchAttentionPlan, scale: float) -> torch.Tensor:
+def _torch_attention(q, key_cache, value_cache, plan: AttentionGroup, scale: float) -> torch.Tensor:
+    """Attention of one group's queries ``q`` ([group tokens, heads, dim])."""
     tokens, heads, dim = q.shape
     batch, _, max_q, max_k = plan.mask.shape
     kv_heads = key_cache.shape[2]

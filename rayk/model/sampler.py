@@ -3,7 +3,7 @@
 Greedy rows (temperature 0, or top_k 1) take the argmax, all at once. Other rows are scaled by
 their temperature, cut to top-k and then to the smallest set whose probability reaches top-p, and
 drawn from their own ``torch.Generator`` when the request has a seed, so a seeded request samples
-the same tokens whatever it is batched with.
+the same draws whatever it is batched with.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
 def _sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     logits = logits / params.temperature
     if 0 < params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        # Exactly k tokens stay, ties at the k-th broken by topk's order.
+        kept = torch.topk(logits, params.top_k).indices
+        logits = torch.full_like(logits, float("-inf")).index_copy_(0, kept, logits[kept])
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)

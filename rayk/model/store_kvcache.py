@@ -40,16 +40,19 @@ def store_kvcache_triton(key, value, key_cache, value_cache, slot_mapping) -> No
     """The Triton path; ``kv_heads * head_dim`` must be a power of two (one row per program)."""
     tokens, heads, dim = key.shape
     row = heads * dim
-    assert row & (row - 1) == 0, f"kv_heads * head_dim = {row} is not a power of two"
+    assert _is_power_of_two(row), f"kv_heads * head_dim = {row} is not a power of two"
     assert key.stride(-1) == 1 and key.stride(-2) == dim and value.stride(-1) == 1 and value.stride(-2) == dim
     assert key_cache.is_contiguous() and value_cache.is_contiguous()
     assert slot_mapping.numel() == tokens
     _store_kvcache_kernel[(tokens,)](key, key.stride(0), value, value.stride(0), key_cache, value_cache, slot_mapping, row)
 
 
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
 def store_kvcache(key, value, key_cache, value_cache, slot_mapping) -> None:
-    row = key.shape[1] * key.shape[2]
-    if key.is_cuda and triton is not None and row & (row - 1) == 0:
+    if key.is_cuda and triton is not None and _is_power_of_two(key.shape[1] * key.shape[2]):
         store_kvcache_triton(key, value, key_cache, value_cache, slot_mapping)
     else:
         store_kvcache_torch(key, value, key_cache, value_cache, slot_mapping)
