@@ -82,6 +82,58 @@ class LLM:
     def stats(self) -> dict:
         return self.engine.stats()
 
+    # -- memory control: a target is a prompt (string or token ids) or a list of block keys --
+
+    def block_hashes(self, prompt: str | Sequence[int], *, cache_salt: str | None = None) -> list[bytes]:
+        """The keys of a prompt's full blocks."""
+        return self.engine.block_hashes(prompt, cache_salt)
+
+    def evict(self, target, *, cache_salt: str | None = None) -> dict[str, int]:
+        """Drops the target's blocks from every tier; returns how many each tier dropped."""
+        return self.engine.memory.evict(self._keys(target, cache_salt))
+
+    def pin(self, target, *, cache_salt: str | None = None) -> int:
+        """Keeps the target's blocks on the device, never evicted, until ``unpin``."""
+        return self.engine.memory.pin(self._keys(target, cache_salt))
+
+    def unpin(self, target, *, cache_salt: str | None = None) -> None:
+        self.engine.memory.unpin(self._keys(target, cache_salt))
+
+    def offload(self, target, tier: str = "host", *, cache_salt: str | None = None) -> int:
+        """Moves the target's unused blocks down to ``tier`` ("host" or "disk")."""
+        return self.engine.memory.offload(self._keys(target, cache_salt), tier)
+
+    def prefetch(self, target, tier: str = "device", *, cache_salt: str | None = None) -> int:
+        """Copies the target's blocks up to ``tier`` ("device" or "host") ahead of use."""
+        return self.engine.memory.prefetch(self._keys(target, cache_salt), tier)
+
+    def warm(self, prompts, *, cache_salt: str | None = None) -> list[RequestOutput]:
+        """Computes and caches the prompts' KV (system prompts, say) ahead of traffic."""
+        return self.generate(prompts, SamplingParams(temperature=0, max_tokens=1), cache_salt=cache_salt)
+
+    def set_budget(self, tier: str, num_bytes: int) -> int:
+        """Caps the bytes ``tier`` may use; returns the blocks it may hold now."""
+        if isinstance(num_bytes, bool) or not isinstance(num_bytes, int) or num_bytes < 0:
+            raise ValueError(f"num_bytes must be an int >= 0, got {num_bytes!r}")
+        return self.engine.memory.set_budget(tier, num_bytes)
+
+    def set_eviction_policy(self, policy) -> None:
+        """Replaces the eviction policy of every tier (a registered name or an EvictionPolicy)."""
+        self.engine.memory.set_eviction_policy(policy)
+
+    def save_cache(self, path: str) -> int:
+        """Writes every cached block to the directory ``path``; returns how many."""
+        return self.engine.memory.save_cache(path)
+
+    def load_cache(self, path: str) -> int:
+        """Loads a snapshot written by ``save_cache``; returns how many blocks it took."""
+        return self.engine.memory.load_cache(path)
+
+    def _keys(self, target, cache_salt) -> list[bytes]:
+        if isinstance(target, (list, tuple)) and target and all(isinstance(k, bytes) for k in target):
+            return list(target)
+        return self.engine.block_hashes(target, cache_salt)
+
     def close(self) -> None:
         """Persists the cache to the disk tier (when one is configured) and stops its writer."""
         self.engine.close()

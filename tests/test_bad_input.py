@@ -70,7 +70,7 @@ def test_bad_sampling_params_are_refused(kwargs, error, match):
 
 def test_a_prompt_that_cannot_fit_the_pool_is_refused_up_front(tiny_llama_dir):
     llm = rayk.LLM(tiny_llama_dir, num_device_blocks=2, block_size=4)
-    with pytest.raises(ValueError, match="needs 3 KV blocks, the pool has num_device_blocks=2"):
+    with pytest.raises(ValueError, match="needs 3 KV blocks; the device pool has num_device_blocks=2, of which 2 are usable"):
         llm.generate([GOOD_PROMPT], rayk.SamplingParams(temperature=0, max_tokens=6))
     assert len(llm.generate([GOOD_PROMPT], rayk.SamplingParams(temperature=0, max_tokens=3))[0].token_ids) == 3
 

@@ -81,6 +81,18 @@ class DiskTier:
     def contains(self, key: BlockHash) -> bool:
         return key in self._index
 
+    def keys(self) -> list[BlockHash]:
+        with self._lock:
+            return list(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def record(self, key: BlockHash) -> BlockRecord | None:
+        """What the file of ``key`` holds (``block`` is -1: a disk block has no slot)."""
+        entry = self._index.get(key)
+        return None if entry is None else BlockRecord(-1, key, entry.parent, entry.depth, entry.tokens)
+
     def read(self, key: BlockHash, parent: BlockHash, tokens: bytes) -> torch.Tensor | None:
         """The block's ``[2, layers, 1, ...]`` KV, or None if absent, not this block, or corrupt."""
         with self._lock:
@@ -121,6 +133,21 @@ class DiskTier:
             for key in present:
                 self._delete(key)
         return len(present)
+
+    def set_max_bytes(self, max_bytes: int) -> None:
+        """Changes the byte budget, deleting files (by policy) until the tier fits it."""
+        if max_bytes < 1:
+            raise ValueError(f"disk budget must be >= 1 byte, got {max_bytes}")
+        self.flush()
+        with self._lock:
+            self.max_bytes = max_bytes
+            self._make_room(0)
+
+    def set_policy(self, policy: EvictionPolicy) -> None:
+        with self._lock:
+            self.policy = policy
+            for key, entry in self._index.items():
+                policy.on_insert(BlockInfo(key, entry.depth, entry.num_bytes))
 
     def close(self) -> None:
         self.flush()

@@ -84,6 +84,8 @@ class KVCacheManager:
         self.host = host
         self.disk = disk
         self._requests: dict[str, _RequestBlocks] = {}
+        # Blocks set aside by a budget below a tier's size; each holds one reference.
+        self.reserved: dict[str, list[int]] = {"device": [], "host": []}
         self.num_query_tokens = 0
         self.num_hit_tokens = 0
         self.hit_tokens_by_tier = dict.fromkeys(TIERS, 0)
@@ -259,8 +261,13 @@ class KVCacheManager:
         self.pool.check_invariants()
         if self.host is not None:
             self.host.pool.check_invariants()
-            assert all(r == 0 for r in self.host.pool.ref_counts), "a host block is still held"
+            held = [0] * self.host.pool.num_blocks
+            for slot in self.reserved["host"]:
+                held[slot] += 1
+            assert held == self.host.pool.ref_counts, "a host block is held by no reservation"
         holders = [0] * self.pool.num_blocks
+        for block in self.reserved["device"]:
+            holders[block] += 1
         for state in self._requests.values():
             for block in state.block_ids:
                 holders[block] += 1

@@ -21,6 +21,7 @@ from rayk.cache.disk_tier import DiskTier
 from rayk.cache.events import KVEventSubscriber
 from rayk.cache.host_tier import HostTier
 from rayk.cache.kv_cache_manager import KVCacheManager
+from rayk.cache.memory_controller import MemoryController
 from rayk.cache.paged_kv import KV_LAYOUT, KVLayout, PagedKVCache
 from rayk.cache.policies import make_policy
 from rayk.config import EngineConfig
@@ -75,6 +76,9 @@ class LLMEngine:
             host=self.host,
             disk=self.disk,
         )
+        # Pins and budgets leave room for one max_model_len sequence (half the pool if it is smaller).
+        min_device_blocks = min(math.ceil(self.max_model_len / block_size), num_blocks // 2)
+        self.memory = MemoryController(self.kv_cache_manager, min_device_blocks=min_device_blocks)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager)
         self.runner = ModelRunner(self.model, self.kv_cache, self.kv_cache_manager, self.attention_backend)
         self._subscribers: list[KVEventSubscriber] = []
@@ -118,11 +122,18 @@ class LLMEngine:
                 f"{where} has {len(token_ids)} tokens and max_tokens is {params.max_tokens}: {total} exceeds max_model_len {self.max_model_len}"
             )
         blocks = math.ceil(total / self.pool.block_size)
-        if blocks > self.pool.num_blocks:
+        usable = self.pool.num_blocks - len(self.pool.pinned) - len(self.kv_cache_manager.reserved["device"])
+        if blocks > usable:
             raise ValueError(
-                f"{where} with max_tokens {params.max_tokens} needs {blocks} KV blocks, the pool has num_device_blocks={self.pool.num_blocks}"
+                f"{where} with max_tokens {params.max_tokens} needs {blocks} KV blocks; the device pool has "
+                f"num_device_blocks={self.pool.num_blocks}, of which {usable} are usable (the rest pinned or set aside)"
             )
         return token_ids
+
+    def block_hashes(self, prompt: str | Sequence[int], cache_salt: str | bytes | None = None) -> list[bytes]:
+        """The keys of a prompt's full blocks, as the cache names them."""
+        token_ids = self.validate_request(prompt, SamplingParams(max_tokens=1), cache_salt=cache_salt)
+        return self.kv_cache_manager.hasher.hash_blocks(token_ids, cache_salt)
 
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams, *, cache_salt: str | None = None, request_id: str | None = None) -> str:
         token_ids = self.validate_request(prompt, params, cache_salt=cache_salt)
@@ -236,7 +247,7 @@ class LLMEngine:
             if self.disk is None
             else {
                 "directory": str(self.disk.directory),
-                "cached_blocks": len(self.disk._index),
+                "cached_blocks": len(self.disk),
                 "used_bytes": self.disk.num_bytes,
                 "max_bytes": self.disk.max_bytes,
                 "stored_blocks": self.disk.num_stored,
