@@ -66,6 +66,7 @@ class CacheConfig:
     ``host_blocks`` > 0 adds a host-memory tier of that many blocks; ``disk_dir`` adds a disk
     tier there, holding at most ``disk_bytes``. ``eviction_policy`` (a registered name or an
     ``EvictionPolicy``) orders eviction in every tier; each tier gets its own copy.
+    ``lifecycle_sample_rate`` is the fraction of blocks whose lifetimes are measured.
     """
 
     block_size: int = 16
@@ -78,6 +79,7 @@ class CacheConfig:
     disk_dir: str | None = None
     disk_bytes: int = 8 << 30
     eviction_policy: str | EvictionPolicy = "lru"
+    lifecycle_sample_rate: float = 0.01
 
     def __post_init__(self):
         _check_positive_int("CacheConfig", "block_size", self.block_size)
@@ -96,6 +98,10 @@ class CacheConfig:
             raise TypeError(f"CacheConfig.disk_dir must be a directory path string or None, got {self.disk_dir!r}")
         _check_positive_int("CacheConfig", "disk_bytes", self.disk_bytes)
         make_policy(self.eviction_policy)
+        if isinstance(self.lifecycle_sample_rate, bool) or not isinstance(self.lifecycle_sample_rate, (int, float)) or not (
+            0.0 <= self.lifecycle_sample_rate <= 1.0
+        ):
+            raise ValueError(f"CacheConfig.lifecycle_sample_rate must be in [0, 1], got {self.lifecycle_sample_rate!r}")
 
 
 @dataclass(frozen=True)

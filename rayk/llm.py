@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from rayk.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from rayk.engine.llm_engine import LLMEngine
 from rayk.outputs import RequestOutput
+from rayk.profiler import Profiler
 from rayk.sampling_params import SamplingParams
 
 _CACHE_OPTIONS = tuple(f.name for f in dataclasses.fields(CacheConfig) if f.name not in ("block_size", "num_device_blocks"))
@@ -81,6 +82,14 @@ class LLM:
 
     def stats(self) -> dict:
         return self.engine.stats()
+
+    def memory_profile(self) -> dict:
+        """Where KV memory goes, per tier (see ``LLMEngine.memory_profile``)."""
+        return self.engine.memory_profile()
+
+    def profile(self) -> Profiler:
+        """A context manager recording steps, transfers and evictions (see ``rayk.profiler``)."""
+        return Profiler(self.engine)
 
     # -- memory control: a target is a prompt (string or token ids) or a list of block keys --
 

@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from rayk.cache.events import EventBuffer
+from rayk.cache.lifecycle import LifecycleSampler
 from rayk.cache.policies import BlockInfo, EvictionPolicy, LRUPolicy
 from rayk.hashing import TOKEN_BYTES, BlockHash, token_ids_from_bytes
 
@@ -68,6 +69,7 @@ class BlockPool:
         self._evictable: dict[BlockHash, int] = {}
         self.pinned: set[BlockHash] = set()
         self.num_evictions = 0
+        self.lifecycle: LifecycleSampler | None = None
 
     # -- allocation ---------------------------------------------------------------------------
 
@@ -109,6 +111,8 @@ class BlockPool:
                 self.policy.on_remove(key)
             refs[block] += 1
             self.policy.on_access(self._info(block))
+            if self.lifecycle is not None:
+                self.lifecycle.accessed(key)
 
     def free(self, blocks: Iterable[int]) -> None:
         """Drops one reference from each block; blocks reaching zero become free, in order.
@@ -143,6 +147,8 @@ class BlockPool:
         offset = block * self.block_bytes
         self._token_bytes[offset : offset + self.block_bytes] = tokens
         self.events.stored(block_hash)
+        if self.lifecycle is not None:
+            self.lifecycle.cached(block_hash)
         return True
 
     def lookup(self, block_hash: BlockHash, parent_hash: BlockHash, tokens: bytes) -> int | None:
@@ -201,6 +207,8 @@ class BlockPool:
         self.parent_hashes[block] = None
         self.num_evictions += 1
         self.events.removed(key)
+        if self.lifecycle is not None:
+            self.lifecycle.evicted(key)
 
     def _info(self, block: int) -> BlockInfo:
         return BlockInfo(self.block_hashes[block], self.depths[block], self.bytes_per_block)
@@ -226,6 +234,10 @@ class BlockPool:
     @property
     def num_cached_blocks(self) -> int:
         return len(self.cached)
+
+    def free_block_ids(self) -> list[int]:
+        """The blocks an allocation could take now (uncached or evictable), in id order."""
+        return sorted(self._uncached_free + list(self._evictable.values()))
 
     def check_invariants(self) -> None:
         """Asserts the invariants in the module docstring (O(n); for tests)."""

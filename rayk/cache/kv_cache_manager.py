@@ -18,7 +18,8 @@ host and disk hits into their new device blocks, one gather and one scatter per 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +31,9 @@ from rayk.cache.paged_kv import PagedKVCache
 from rayk.hashing import TOKEN_BYTES, BlockHash, BlockHasher, token_bytes
 
 TIERS = ("device", "host", "disk", "remote")
+
+# (kind, source tier, target tier, blocks, bytes, start seconds, end seconds), perf_counter clock
+TransferObserver = Callable[[str, str, str, int, int, float, float], None]
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -89,6 +93,15 @@ class KVCacheManager:
         self.num_query_tokens = 0
         self.num_hit_tokens = 0
         self.hit_tokens_by_tier = dict.fromkeys(TIERS, 0)
+        self.transfer_observers: list[TransferObserver] = []
+
+    def record_transfer(self, kind: str, source: str, target: str, num_blocks: int, start: float) -> None:
+        """Tells observers (a profiler) about a finished batched copy of blocks."""
+        if self.transfer_observers:
+            end = time.perf_counter()
+            num_bytes = num_blocks * self.kv_cache.layout.bytes_per_block
+            for observer in self.transfer_observers:
+                observer(kind, source, target, num_blocks, num_bytes, start, end)
 
     def block_ids(self, request_id: str) -> list[int]:
         return self._requests[request_id].block_ids
@@ -179,10 +192,14 @@ class KVCacheManager:
         table.extend(fresh)
         state.block_ids.extend(table)
         if host_slots:
+            start = time.perf_counter()
             self.kv_cache.scatter(onload["host"][0], self.host.read(onload["host"][1]))
             self.host.release(host_slots)
+            self.record_transfer("onload", "host", "device", len(host_slots), start)
         if onload["disk"][0]:
+            start = time.perf_counter()
             self.kv_cache.scatter(onload["disk"][0], torch.cat(onload["disk"][1], dim=2))
+            self.record_transfer("onload", "disk", "device", len(onload["disk"][0]), start)
         self._publish(state, len(hit.sources))
         state.num_slots_used = max(state.num_slots_used, num_tokens)
         by_tier = dict.fromkeys(TIERS, 0)
@@ -209,7 +226,9 @@ class KVCacheManager:
     def _demote(self, evicted: list[BlockRecord]) -> None:
         lower = self.host or self.disk
         if lower is not None:
+            start = time.perf_counter()
             lower.store(evicted, self.kv_cache.gather([r.block for r in evicted]))
+            self.record_transfer("demote", "device", lower.name, len(evicted), start)
 
     # -- publishing and freeing ---------------------------------------------------------------
 

@@ -11,6 +11,7 @@ evicted, until unpinned. Pins and budgets that would leave the device unable to 
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -65,13 +66,17 @@ class MemoryController:
         target = m.host if tier == "host" else m.disk
         if target is None:
             raise ValueError(f"offload to {tier!r}, but this engine has no {tier} tier")
+        start = time.perf_counter()
         moved = m.pool.evict(keys)
         if moved:
             target.store(moved, m.kv_cache.gather([r.block for r in moved]))
+            m.record_transfer("offload", "device", tier, len(moved), start)
         if tier == "disk" and m.host is not None:
+            start = time.perf_counter()
             from_host = m.host.pool.evict(keys)
             if from_host:
                 m.disk.store(from_host, m.host.kv.gather([r.block for r in from_host]))
+                m.record_transfer("offload", "host", "disk", len(from_host), start)
             moved += from_host
         if tier == "disk":
             m.disk.flush()
@@ -87,11 +92,13 @@ class MemoryController:
             raise ValueError("prefetch to 'host', but this engine has no host tier")
         if m.disk is not None:
             m.disk.flush()
+        start = time.perf_counter()
         records, blocks = self._read_below(keys, tier)
         if not records:
             return 0
         if tier == "host":
             m.host.store(records, blocks)
+            m.record_transfer("prefetch", "disk", "host", len(records), start)
             return len(records)
         fit = min(len(records), m.pool.num_free_blocks)
         if fit:
@@ -100,6 +107,7 @@ class MemoryController:
             for block, record in zip(device_blocks, records):
                 m.pool.cache_block(block, record.key, record.parent, record.tokens, record.depth)
             m.pool.free(device_blocks)
+            m.record_transfer("prefetch", "below", "device", fit, start)
         return fit
 
     def _read_below(self, keys: Sequence[BlockHash], tier: str):

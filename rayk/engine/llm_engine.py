@@ -12,6 +12,7 @@ import dataclasses
 import itertools
 import logging
 import math
+import time
 from collections.abc import Sequence
 
 import torch
@@ -21,6 +22,8 @@ from rayk.cache.disk_tier import DiskTier
 from rayk.cache.events import KVEventSubscriber
 from rayk.cache.host_tier import HostTier
 from rayk.cache.kv_cache_manager import KVCacheManager
+from rayk.cache.lifecycle import LifecycleSampler
+from rayk.cache.memory_profile import memory_profile
 from rayk.cache.memory_controller import MemoryController
 from rayk.cache.paged_kv import KV_LAYOUT, KVLayout, PagedKVCache
 from rayk.cache.policies import make_policy
@@ -68,6 +71,8 @@ class LLMEngine:
         if cache_config.disk_dir is not None:
             self.disk = DiskTier(cache_config.disk_dir, layout, self.fingerprint, cache_config.disk_bytes, fresh_policy())
         self.host = HostTier(layout, cache_config.host_blocks, fresh_policy(), lower=self.disk) if cache_config.host_blocks else None
+        for pool in [self.pool] + ([self.host.pool] if self.host else []):
+            pool.lifecycle = LifecycleSampler(cache_config.lifecycle_sample_rate)
         self.kv_cache_manager = KVCacheManager(
             self.pool,
             BlockHasher(self.fingerprint, block_size, cache_config.hash_algorithm),
@@ -82,6 +87,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager)
         self.runner = ModelRunner(self.model, self.kv_cache, self.kv_cache_manager, self.attention_backend)
         self._subscribers: list[KVEventSubscriber] = []
+        # Objects with before_step(engine, batch) and after_step(engine, batch, start_s, end_s).
+        self.step_observers: list = []
         self._request_ids = (str(i) for i in itertools.count())
         self._requests: dict[str, Request] = {}
         self.num_finished_requests = 0
@@ -164,13 +171,18 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Runs one batch; returns the outputs of the requests that finished in it."""
+        start = time.perf_counter()
         batch = self.scheduler.schedule()
         finished = []
         if len(batch):
+            for observer in self.step_observers:
+                observer.before_step(self, batch)
             sampled = self.runner.run(batch)
             self.num_generated_tokens += sum(t is not None for t in sampled)
             finished = self.scheduler.update(batch, sampled)
             self.num_steps += 1
+            for observer in self.step_observers:
+                observer.after_step(self, batch, start, time.perf_counter())
         self._publish_events()
         outputs = []
         for request in finished:
@@ -182,6 +194,9 @@ class LLMEngine:
     def subscribe(self, subscriber: KVEventSubscriber) -> None:
         """Calls ``subscriber(events)`` after every step that stored or removed blocks."""
         self._subscribers.append(subscriber)
+
+    def unsubscribe(self, subscriber: KVEventSubscriber) -> None:
+        self._subscribers.remove(subscriber)
 
     def _publish_events(self) -> None:
         buffers = [self.pool.events] + [t.pool.events if t is self.host else t.events for t in (self.host, self.disk) if t is not None]
@@ -263,6 +278,11 @@ class LLMEngine:
             },
             "requests": {"finished": self.num_finished_requests, "generated_tokens": self.num_generated_tokens},
         }
+
+    def memory_profile(self) -> dict:
+        """Per tier: bytes, physical and logical blocks, fragmentation, overheads, hit rates,
+        and sampled block lifecycles (see rayk.cache.memory_profile)."""
+        return memory_profile(self.kv_cache_manager)
 
     def _default_num_blocks(self, layout: KVLayout) -> int:
         cache_config = self.config.cache
