@@ -67,6 +67,8 @@ class CacheConfig:
     tier there, holding at most ``disk_bytes``. ``eviction_policy`` (a registered name or an
     ``EvictionPolicy``) orders eviction in every tier; each tier gets its own copy.
     ``lifecycle_sample_rate`` is the fraction of blocks whose lifetimes are measured.
+    ``compress`` None or "int8" for both lower tiers, or per tier, e.g. {"disk": "int8"}: cold
+    blocks stored as int8 with a scale per block and head (approximate; off by default).
     """
 
     block_size: int = 16
@@ -80,6 +82,12 @@ class CacheConfig:
     disk_bytes: int = 8 << 30
     eviction_policy: str | EvictionPolicy = "lru"
     lifecycle_sample_rate: float = 0.01
+    compress: str | dict | None = None
+
+    def compression(self, tier: str) -> bool:
+        """Whether ``tier`` ("host" or "disk") stores blocks as int8."""
+        setting = self.compress.get(tier) if isinstance(self.compress, dict) else self.compress
+        return setting == "int8"
 
     def __post_init__(self):
         _check_positive_int("CacheConfig", "block_size", self.block_size)
@@ -102,6 +110,12 @@ class CacheConfig:
             0.0 <= self.lifecycle_sample_rate <= 1.0
         ):
             raise ValueError(f"CacheConfig.lifecycle_sample_rate must be in [0, 1], got {self.lifecycle_sample_rate!r}")
+        settings = self.compress.items() if isinstance(self.compress, dict) else [("host", self.compress)]
+        for tier, setting in settings:
+            if tier not in ("host", "disk") or setting not in (None, "int8"):
+                raise ValueError(
+                    f"CacheConfig.compress must be None, 'int8', or a dict from 'host'/'disk' to None or 'int8'; got {self.compress!r}"
+                )
 
 
 @dataclass(frozen=True)

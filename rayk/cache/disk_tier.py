@@ -5,7 +5,9 @@ One segment file per block, named by its key, in ``directory``:
     b"RAYKKV01" | header length (uint32, little-endian) | msgpack header | payload
 
 The header holds the block's key, parent key, depth, token ids, the model fingerprint, the KV
-layout (dtype, shape), the payload's length and its xxh3-64 checksum. Nothing is ever unpickled.
+layout (dtype, shape), the payload's compression, length and xxh3-64 checksum. Nothing is ever
+unpickled. With ``compress`` new files hold int8 blocks with per-head float32 scales
+(``rayk.cache.quantization``); files of either kind are read, so switching it loses nothing.
 
 On start the tier rebuilds its index from the headers, so a new engine on the same directory
 gets hits at once. A file whose header does not parse, was written for another model or layout,
@@ -36,6 +38,7 @@ from rayk.cache.block_pool import BlockRecord
 from rayk.cache.events import EventBuffer
 from rayk.cache.paged_kv import KVLayout
 from rayk.cache.policies import BlockInfo, EvictionPolicy
+from rayk.cache.quantization import compressed_block_bytes, dequantize_int8, quantize_int8
 from rayk.hashing import BlockHash, token_bytes, token_ids_from_bytes
 
 MAGIC = b"RAYKKV01"
@@ -51,15 +54,23 @@ class _Entry:
     num_bytes: int
     checksum: int
     payload_offset: int
+    compression: str | None
 
 
 class DiskTier:
     name = "disk"
 
-    def __init__(self, directory: str | os.PathLike, layout: KVLayout, fingerprint: bytes, max_bytes: int, policy: EvictionPolicy):
+    def __init__(
+        self, directory: str | os.PathLike, layout: KVLayout, fingerprint: bytes, max_bytes: int, policy: EvictionPolicy, compress: bool = False
+    ):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.layout = layout
+        self.compression = "int8" if compress else None
+        self._payload_bytes = {
+            None: layout.bytes_per_block,
+            "int8": compressed_block_bytes(layout.num_layers, layout.block_size, layout.num_kv_heads, layout.head_dim),
+        }
         self.fingerprint = fingerprint
         self.max_bytes = max_bytes
         self.policy = policy
@@ -99,29 +110,47 @@ class DiskTier:
             entry = self._index.get(key)
         if entry is None or entry.parent != parent or entry.tokens != tokens:
             return None
+        size = self._payload_bytes[entry.compression]
         try:
             with entry.path.open("rb") as f:
                 f.seek(entry.payload_offset)
-                payload = f.read(self.layout.bytes_per_block)
+                payload = f.read(size)
         except OSError:
             payload = b""
-        if len(payload) != self.layout.bytes_per_block or xxhash.xxh3_64_intdigest(payload) != entry.checksum:
+        if len(payload) != size or xxhash.xxh3_64_intdigest(payload) != entry.checksum:
             self._reject(key, entry.path)
             return None
         with self._lock:
             self.policy.on_access(BlockInfo(key, entry.depth, entry.num_bytes))
         self.num_loaded += 1
-        return self.layout.blocks_from_bytes(payload, 1)
+        return self._decode(payload, entry.compression)
+
+    def _encode(self, block: torch.Tensor) -> bytes:
+        """One block (``[2, layers, 1, ...]``) as this tier writes it."""
+        if self.compression is None:
+            return block.contiguous().view(torch.uint8).numpy().tobytes()
+        q, scales = quantize_int8(block)
+        return q.numpy().tobytes() + scales.numpy().tobytes()
+
+    def _decode(self, payload: bytes, compression: str | None) -> torch.Tensor:
+        if compression is None:
+            return self.layout.blocks_from_bytes(payload, 1)
+        layout = self.layout
+        shape = (2, layout.num_layers, 1, layout.block_size, layout.num_kv_heads, layout.head_dim)
+        raw = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        num_values = raw.numel() - 2 * layout.num_layers * layout.num_kv_heads * 4
+        q = raw[:num_values].view(torch.int8).view(shape)
+        scales = raw[num_values:].view(torch.float32).view(2, layout.num_layers, 1, layout.num_kv_heads)
+        return dequantize_int8(q, scales, layout.dtype)
 
     # -- writes -------------------------------------------------------------------------------
 
     def store(self, records: Sequence[BlockRecord], blocks: torch.Tensor) -> None:
-        """Queues copies of ``blocks`` to be written; returns at once."""
-        data = blocks.cpu().contiguous()
+        """Queues copies of ``blocks`` to be encoded and written by the writer; returns at once."""
+        data = blocks.cpu()
         for i, record in enumerate(records):
             if record.key not in self._index:
-                payload = data[:, :, i].contiguous().view(torch.uint8).numpy().tobytes()
-                self._queue.put((record, payload))
+                self._queue.put((record, data[:, :, i : i + 1].clone()))
 
     def flush(self) -> None:
         """Waits until every queued block is on disk (or dropped for lack of room)."""
@@ -164,7 +193,8 @@ class DiskTier:
             finally:
                 self._queue.task_done()
 
-    def _write(self, record: BlockRecord, payload: bytes) -> None:
+    def _write(self, record: BlockRecord, block: torch.Tensor) -> None:
+        payload = self._encode(block)
         header = msgpack.packb(
             {
                 "key": record.key,
@@ -173,6 +203,7 @@ class DiskTier:
                 "token_ids": token_ids_from_bytes(record.tokens),
                 "fingerprint": self.fingerprint,
                 "layout": self.layout.to_metadata(),
+                "compression": self.compression,
                 "payload_bytes": len(payload),
                 "checksum": xxhash.xxh3_64_intdigest(payload),
             },
@@ -190,7 +221,8 @@ class DiskTier:
         with temporary.open("wb") as f:
             f.write(MAGIC + len(header).to_bytes(4, "little") + header + payload)
         os.replace(temporary, path)
-        entry = _Entry(path, record.parent, record.depth, record.tokens, size, xxhash.xxh3_64_intdigest(payload), size - len(payload))
+        checksum = xxhash.xxh3_64_intdigest(payload)
+        entry = _Entry(path, record.parent, record.depth, record.tokens, size, checksum, size - len(payload), self.compression)
         with self._lock:
             self._add(record.key, entry)
         self.num_stored += 1
@@ -252,18 +284,19 @@ class DiskTier:
         if not isinstance(header, dict):
             return None
         try:
-            key, payload_bytes = header["key"], header["payload_bytes"]
+            key, payload_bytes, compression = header["key"], header["payload_bytes"], header.get("compression")
             ok = (
                 header["fingerprint"] == self.fingerprint
                 and header["layout"] == self.layout.to_metadata()
-                and payload_bytes == self.layout.bytes_per_block
+                and compression in self._payload_bytes
+                and payload_bytes == self._payload_bytes[compression]
                 and size == len(MAGIC) + 4 + header_len + payload_bytes
                 and path.name == key.hex() + SUFFIX
             )
             if not ok:
                 return None
             tokens = token_bytes(header["token_ids"])
-            entry = _Entry(path, header["parent"], int(header["depth"]), tokens, size, int(header["checksum"]), size - payload_bytes)
-        except (KeyError, TypeError, AttributeError, OverflowError):
+            entry = _Entry(path, header["parent"], int(header["depth"]), tokens, size, int(header["checksum"]), size - payload_bytes, compression)
+        except (KeyError, TypeError, AttributeError, OverflowError, ValueError):
             return None
         return entry, key

@@ -2,7 +2,8 @@
 
 Its bookkeeping is a ``BlockPool`` of its own (tier "host", its own eviction policy) and its
 storage a CPU ``PagedKVCache`` of the same layout, so moving blocks either way is one gather and
-one scatter of many blocks. A host block is referenced while a copy reads or writes it, so the
+one scatter of many blocks. With ``compress`` it stores blocks as int8 with per-head scales
+(``rayk.cache.quantization``) and hands them out dequantized. A host block is referenced while a copy reads or writes it, so the
 pool never hands it out, nor evicts it, mid-copy; when the tier needs room, its victims are
 passed to the tier below (disk) before they are overwritten.
 """
@@ -16,16 +17,26 @@ import torch
 from rayk.cache.block_pool import BlockPool, BlockRecord
 from rayk.cache.paged_kv import KVLayout, PagedKVCache
 from rayk.cache.policies import EvictionPolicy
+from rayk.cache.quantization import compressed_block_bytes, dequantize_int8, quantize_int8
 from rayk.hashing import BlockHash
 
 
 class HostTier:
     name = "host"
 
-    def __init__(self, layout: KVLayout, num_blocks: int, policy: EvictionPolicy, lower=None):
+    def __init__(self, layout: KVLayout, num_blocks: int, policy: EvictionPolicy, lower=None, compress: bool = False):
         self.layout = layout
-        self.pool = BlockPool(num_blocks, layout.block_size, tier=self.name, policy=policy, bytes_per_block=layout.bytes_per_block)
-        self.kv = PagedKVCache(layout, num_blocks, "cpu", pin_memory=torch.cuda.is_available())
+        self.compress = compress
+        pinned = torch.cuda.is_available()
+        if compress:
+            stored = KVLayout(layout.num_layers, layout.block_size, layout.num_kv_heads, layout.head_dim, torch.int8)
+            self.kv = PagedKVCache(stored, num_blocks, "cpu", pin_memory=pinned)
+            self.scales = torch.zeros((2, layout.num_layers, num_blocks, layout.num_kv_heads), dtype=torch.float32, pin_memory=pinned)
+            bytes_per_block = compressed_block_bytes(layout.num_layers, layout.block_size, layout.num_kv_heads, layout.head_dim)
+        else:
+            self.kv = PagedKVCache(layout, num_blocks, "cpu", pin_memory=pinned)
+            bytes_per_block = layout.bytes_per_block
+        self.pool = BlockPool(num_blocks, layout.block_size, tier=self.name, policy=policy, bytes_per_block=bytes_per_block)
         self.lower = lower
         self.num_stored = 0
         self.num_loaded = 0
@@ -49,8 +60,8 @@ class HostTier:
         evicted: list[BlockRecord] = []
         slots = self.pool.allocate(len(kept), evicted)
         if evicted and self.lower is not None:
-            self.lower.store(evicted, self.kv.gather([r.block for r in evicted]))
-        self.kv.scatter(slots, blocks[:, :, kept])
+            self.lower.store(evicted, self.gather([r.block for r in evicted]))
+        self._write(slots, blocks[:, :, kept])
         for slot, i in zip(slots, kept):
             r = records[i]
             self.pool.cache_block(slot, r.key, r.parent, r.tokens, r.depth)
@@ -65,8 +76,24 @@ class HostTier:
         self.pool.free(slots)
 
     def read(self, slots: Sequence[int]) -> torch.Tensor:
+        """The blocks in the model's dtype, counted as loaded (a hit being served)."""
         self.num_loaded += len(slots)
-        return self.kv.gather(slots)
+        return self.gather(slots)
+
+    def gather(self, slots: Sequence[int]) -> torch.Tensor:
+        """The blocks in the model's dtype (``[2, layers, n, ...]``)."""
+        if not self.compress:
+            return self.kv.gather(slots)
+        index = torch.as_tensor(slots, dtype=torch.long)
+        return dequantize_int8(self.kv.gather(slots), self.scales.index_select(2, index), self.layout.dtype)
+
+    def _write(self, slots: list[int], blocks: torch.Tensor) -> None:
+        if not self.compress:
+            self.kv.scatter(slots, blocks)
+            return
+        q, scales = quantize_int8(blocks.cpu())
+        self.kv.scatter(slots, q)
+        self.scales.index_copy_(2, torch.as_tensor(slots, dtype=torch.long), scales)
 
     def evict(self, keys) -> int:
         evicted = self.pool.evict(keys)

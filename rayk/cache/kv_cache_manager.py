@@ -262,7 +262,7 @@ class KVCacheManager:
         so that an engine started later on the same directory finds the whole cache."""
         if self.disk is None:
             return
-        tiers = [(self.pool, self.kv_cache)] + ([(self.host.pool, self.host.kv)] if self.host is not None else [])
+        tiers = [(self.pool, self.kv_cache)] + ([(self.host.pool, self.host)] if self.host is not None else [])
         for pool, kv in tiers:
             records = [r for r in (pool.record(b) for b in pool.cached.values()) if not self.disk.contains(r.key)]
             if records:

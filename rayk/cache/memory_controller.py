@@ -75,7 +75,7 @@ class MemoryController:
             start = time.perf_counter()
             from_host = m.host.pool.evict(keys)
             if from_host:
-                m.disk.store(from_host, m.host.kv.gather([r.block for r in from_host]))
+                m.disk.store(from_host, m.host.gather([r.block for r in from_host]))
                 m.record_transfer("offload", "host", "disk", len(from_host), start)
             moved += from_host
         if tier == "disk":
@@ -186,7 +186,7 @@ class MemoryController:
         m = self.manager
         slots = m.host.pool.allocate(count, evicted)
         if evicted and m.disk is not None:
-            m.disk.store(evicted, m.host.kv.gather([r.block for r in evicted]))
+            m.disk.store(evicted, m.host.gather([r.block for r in evicted]))
         return slots
 
     def set_eviction_policy(self, policy: str | EvictionPolicy) -> None:
@@ -216,7 +216,7 @@ class MemoryController:
         """Writes every cached block of every tier to ``path`` in the disk tier's file format."""
         m = self.manager
         snapshot = DiskTier(path, m.kv_cache.layout, m.hasher.fingerprint, 1 << 62, make_policy("lru"))
-        sources = [(m.pool, m.kv_cache)] + ([(m.host.pool, m.host.kv)] if m.host is not None else [])
+        sources = [(m.pool, m.kv_cache)] + ([(m.host.pool, m.host)] if m.host is not None else [])
         for pool, kv in sources:
             records = [pool.record(b) for b in pool.cached.values()]
             if records:

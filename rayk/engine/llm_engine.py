@@ -69,8 +69,12 @@ class LLMEngine:
         self.pool = BlockPool(num_blocks, block_size, tier="device", policy=make_policy(policy), bytes_per_block=layout.bytes_per_block)
         self.disk = None
         if cache_config.disk_dir is not None:
-            self.disk = DiskTier(cache_config.disk_dir, layout, self.fingerprint, cache_config.disk_bytes, fresh_policy())
-        self.host = HostTier(layout, cache_config.host_blocks, fresh_policy(), lower=self.disk) if cache_config.host_blocks else None
+            self.disk = DiskTier(
+                cache_config.disk_dir, layout, self.fingerprint, cache_config.disk_bytes, fresh_policy(), compress=cache_config.compression("disk")
+            )
+        self.host = None
+        if cache_config.host_blocks:
+            self.host = HostTier(layout, cache_config.host_blocks, fresh_policy(), lower=self.disk, compress=cache_config.compression("host"))
         for pool in [self.pool] + ([self.host.pool] if self.host else []):
             pool.lifecycle = LifecycleSampler(cache_config.lifecycle_sample_rate)
         self.kv_cache_manager = KVCacheManager(
@@ -253,7 +257,7 @@ class LLMEngine:
             else {
                 "num_blocks": self.host.pool.num_blocks,
                 "cached_blocks": self.host.pool.num_cached_blocks,
-                "total_bytes": self.host.kv.num_bytes,
+                "total_bytes": self.host.pool.num_blocks * self.host.pool.bytes_per_block,
                 "stored_blocks": self.host.num_stored,
                 "loaded_blocks": self.host.num_loaded,
                 "evictions": self.host.pool.num_evictions,
