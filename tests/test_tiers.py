@@ -92,3 +92,32 @@ def test_damaged_or_foreign_files_are_rejected_counted_and_recomputed(tiny_llama
     assert second.stats()["disk_tier"]["rejected_files"] == 4
     assert not flipped.exists() and not truncated.exists() and not foreign_model.exists() and not foreign_block_size.exists()
     second.close()
+
+
+def test_a_host_copy_in_flight_is_never_reused_evicted_or_served(tiny_llama_dir, prompts):
+    import threading
+
+    reference = hf_greedy(tiny_llama_dir, prompts, MAX_NEW)
+    llm = rayk.LLM(tiny_llama_dir, block_size=BLOCK_SIZE, num_device_blocks=8, host_blocks=6, max_num_seqs=1)
+    host = llm.engine.host
+    gate = threading.Event()
+    submit = host.copy_engine.submit
+    host.copy_engine.submit = lambda copy: submit(lambda: (gate.wait(), copy()))
+    # Each prompt evicts the previous ones' device blocks; their copies to the host wait at the gate
+    # while later requests overwrite those very device blocks.
+    first_pass = _run_one_by_one(llm, prompts)
+    pending = host.pending_slots
+    assert pending and len(pending) == host.pool.num_blocks
+    assert all(host.pool.ref_counts[s] == 1 for s in pending) and host.pool.num_free_blocks == 0
+    assert host.pool.num_cached_blocks == 0  # nothing in flight can be found, hence served
+    assert llm.generate(prompts[0], GREEDY)[0].cached_tokens_by_tier["host"] == 0
+    llm.engine.kv_cache_manager.check_invariants()
+    gate.set()
+    host.drain()
+    assert host.pool.num_cached_blocks == len(pending) and not host.pending_slots
+    assert all(host.pool.ref_counts[s] == 0 for s in pending)
+    assert [o.token_ids for o in first_pass] == reference
+    # Prompt 1's blocks were among the first demoted: the copies made behind the gate serve them.
+    served = llm.generate(prompts[1], GREEDY)[0]
+    assert served.cached_tokens_by_tier["host"] == 48 and served.token_ids == reference[1]
+    llm.engine.kv_cache_manager.check_invariants()

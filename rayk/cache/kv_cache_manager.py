@@ -116,6 +116,8 @@ class KVCacheManager:
         assert not state.block_ids, f"request {request_id} already holds blocks"
         if not self.enable_prefix_caching:
             return PrefixHit((), 0, len(token_ids))
+        if self.host is not None:
+            self.host.poll()
         _sync_token_bytes(state, token_ids)
         self.hasher.extend(state.block_hashes, state.token_bytes, state.root)
         max_blocks = (len(token_ids) - 1) // self.block_size
@@ -262,6 +264,8 @@ class KVCacheManager:
         so that an engine started later on the same directory finds the whole cache."""
         if self.disk is None:
             return
+        if self.host is not None:
+            self.host.drain()
         tiers = [(self.pool, self.kv_cache)] + ([(self.host.pool, self.host)] if self.host is not None else [])
         for pool, kv in tiers:
             records = [r for r in (pool.record(b) for b in pool.cached.values()) if not self.disk.contains(r.key)]
@@ -281,9 +285,9 @@ class KVCacheManager:
         if self.host is not None:
             self.host.pool.check_invariants()
             held = [0] * self.host.pool.num_blocks
-            for slot in self.reserved["host"]:
+            for slot in self.reserved["host"] + self.host.pending_slots:
                 held[slot] += 1
-            assert held == self.host.pool.ref_counts, "a host block is held by no reservation"
+            assert held == self.host.pool.ref_counts, "a host block is held by no reservation or copy"
         holders = [0] * self.pool.num_blocks
         for block in self.reserved["device"]:
             holders[block] += 1

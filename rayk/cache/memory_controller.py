@@ -37,6 +37,7 @@ class MemoryController:
     def locate(self, keys: Sequence[BlockHash]) -> dict[str, int]:
         """How many of ``keys`` each tier holds."""
         m = self.manager
+        self._settle()
         counts = dict.fromkeys(TIER_NAMES, 0)
         for key in keys:
             counts["device"] += key in m.pool.cached
@@ -49,6 +50,7 @@ class MemoryController:
     def evict(self, keys: Sequence[BlockHash]) -> dict[str, int]:
         """Drops the keys from every tier (blocks in use or pinned on the device stay there)."""
         m = self.manager
+        self._settle()
         evicted = {"device": len(m.pool.evict(keys)), "host": 0, "disk": 0}
         if m.host is not None:
             evicted["host"] = m.host.evict(keys)
@@ -66,6 +68,7 @@ class MemoryController:
         target = m.host if tier == "host" else m.disk
         if target is None:
             raise ValueError(f"offload to {tier!r}, but this engine has no {tier} tier")
+        self._settle()
         start = time.perf_counter()
         moved = m.pool.evict(keys)
         if moved:
@@ -78,8 +81,7 @@ class MemoryController:
                 m.disk.store(from_host, m.host.gather([r.block for r in from_host]))
                 m.record_transfer("offload", "host", "disk", len(from_host), start)
             moved += from_host
-        if tier == "disk":
-            m.disk.flush()
+        self._settle()
         return len(moved)
 
     def prefetch(self, keys: Sequence[BlockHash], tier: str = "device") -> int:
@@ -90,8 +92,7 @@ class MemoryController:
             raise ValueError(f"prefetch tier must be 'device' or 'host', got {tier!r}")
         if tier == "host" and m.host is None:
             raise ValueError("prefetch to 'host', but this engine has no host tier")
-        if m.disk is not None:
-            m.disk.flush()
+        self._settle()
         start = time.perf_counter()
         records, blocks = self._read_below(keys, tier)
         if not records:
@@ -109,6 +110,14 @@ class MemoryController:
             m.pool.free(device_blocks)
             m.record_transfer("prefetch", "below", "device", fit, start)
         return fit
+
+    def _settle(self) -> None:
+        """Waits for pending host copies and disk writes, so every tier shows what it holds."""
+        m = self.manager
+        if m.host is not None:
+            m.host.drain()
+        if m.disk is not None:
+            m.disk.flush()
 
     def _read_below(self, keys: Sequence[BlockHash], tier: str):
         """Records and KV of the keys found below ``tier`` but not in it, in key order."""
@@ -215,6 +224,7 @@ class MemoryController:
     def save_cache(self, path: str | Path) -> int:
         """Writes every cached block of every tier to ``path`` in the disk tier's file format."""
         m = self.manager
+        self._settle()
         snapshot = DiskTier(path, m.kv_cache.layout, m.hasher.fingerprint, 1 << 62, make_policy("lru"))
         sources = [(m.pool, m.kv_cache)] + ([(m.host.pool, m.host)] if m.host is not None else [])
         for pool, kv in sources:
@@ -222,7 +232,6 @@ class MemoryController:
             if records:
                 snapshot.store(records, kv.gather([r.block for r in records]))
         if m.disk is not None:
-            m.disk.flush()
             for key in m.disk.keys():
                 entry = m.disk.record(key)
                 payload = m.disk.read(key, entry.parent, entry.tokens) if entry is not None else None
@@ -259,6 +268,5 @@ class MemoryController:
                 loaded += 1
         finally:
             snapshot.close()
-        if m.disk is not None:
-            m.disk.flush()
+        self._settle()
         return loaded

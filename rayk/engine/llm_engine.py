@@ -27,6 +27,7 @@ from rayk.cache.memory_profile import memory_profile
 from rayk.cache.memory_controller import MemoryController
 from rayk.cache.paged_kv import KV_LAYOUT, KVLayout, PagedKVCache
 from rayk.cache.policies import make_policy
+from rayk.cache.transfer import CopyEngine
 from rayk.config import EngineConfig
 from rayk.engine.model_runner import ModelRunner
 from rayk.engine.request import Request
@@ -74,7 +75,14 @@ class LLMEngine:
             )
         self.host = None
         if cache_config.host_blocks:
-            self.host = HostTier(layout, cache_config.host_blocks, fresh_policy(), lower=self.disk, compress=cache_config.compression("host"))
+            self.host = HostTier(
+                layout,
+                cache_config.host_blocks,
+                fresh_policy(),
+                lower=self.disk,
+                compress=cache_config.compression("host"),
+                copy_engine=CopyEngine(self.device),
+            )
         for pool in [self.pool] + ([self.host.pool] if self.host else []):
             pool.lifecycle = LifecycleSampler(cache_config.lifecycle_sample_rate)
         self.kv_cache_manager = KVCacheManager(
