@@ -46,3 +46,22 @@ def test_flash_attn_backend_agrees_with_torch_backend(tiny_model_dir):
         assert [o.token_ids for o in cold] == [o.token_ids for o in warm]
         results[backend] = [o.token_ids[:2] for o in cold]
     assert results["flash_attn"] == results["torch"]
+
+
+def test_tiers_on_cuda_demote_through_the_copy_stream_and_match_transformers(tiny_model_dir, tmp_path):
+    prompts = random_prompts((40, 50, 45, 60, 38, 55), seed=21)
+    params = rayk.SamplingParams(temperature=0, max_tokens=6)
+    reference = hf_greedy(tiny_model_dir, prompts, 6)
+    llm = rayk.LLM(
+        tiny_model_dir, device="cuda", dtype="float32", block_size=16, num_device_blocks=8, host_blocks=6,
+        disk_dir=str(tmp_path / "kv"), max_num_seqs=2,
+    )
+    assert llm.engine.host.kv.kv.is_pinned()
+    cold = [llm.generate(p, params)[0] for p in prompts]
+    llm.engine.host.drain()
+    llm.engine.disk.flush()
+    warm = [llm.generate(p, params)[0] for p in prompts[::-1]][::-1]
+    assert [o.token_ids for o in cold] == [o.token_ids for o in warm] == reference
+    assert sum(o.cached_tokens_by_tier["host"] for o in warm) > 0
+    llm.engine.kv_cache_manager.check_invariants()
+    llm.close()
