@@ -149,7 +149,7 @@ class Profiler:
             _line_chart(times, occupancy, "seconds", "blocks"),
             "<h2>Prefix-cache hit rate</h2>",
             _line_chart(times, {"hit rate": [s["hit_rate"] for s in steps]}, "seconds", "hit rate"),
-            "<h2>Device block accesses (block id by step)</h2>",
+            "<h2>Device block accesses</h2><p>Steps run left to right, block ids top to bottom; a cell is darker the more blocks in it attention read.</p>",
             _heatmap(self.recording.accesses, self.engine.pool.num_blocks),
             "</body></html>",
         ]
@@ -162,7 +162,7 @@ def _line_chart(xs: list[float], series: dict[str, list[float]], x_label: str, y
     y_max = max((max(v, default=0) for v in series.values()), default=1) or 1
     svg = [f"<svg width='{width}' height='{height}' xmlns='http://www.w3.org/2000/svg'>"]
     svg.append(f"<text x='{pad}' y='14' font-size='12'>{html.escape(y_label)} (max {y_max:.3g})</text>")
-    svg.append(f"<text x='{width - pad - 60}' y='{height - 6}' font-size='12'>{html.escape(x_label)} (max {x_max:.3g})</text>")
+    svg.append(f"<text x='{width - 8}' y='{height - 6}' font-size='12' text-anchor='end'>{html.escape(x_label)} (max {x_max:.3g})</text>")
     for i, (name, ys) in enumerate(series.items()):
         points = " ".join(f"{pad + (x / x_max) * (width - 2 * pad):.1f},{height - pad - (y / y_max) * (height - 2 * pad):.1f}" for x, y in zip(xs, ys))
         color = _PALETTE.get(name, "#555")
