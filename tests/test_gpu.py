@@ -56,7 +56,7 @@ def test_tiers_on_cuda_demote_through_the_copy_stream_and_match_transformers(tin
         tiny_model_dir, device="cuda", dtype="float32", block_size=16, num_device_blocks=8, host_blocks=6,
         disk_dir=str(tmp_path / "kv"), max_num_seqs=2,
     )
-    assert llm.engine.host.kv.kv.is_pinned()
+    assert llm.engine.host.blocks.is_pinned()
     cold = [llm.generate(p, params)[0] for p in prompts]
     llm.engine.host.drain()
     llm.engine.disk.flush()

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import msgpack
 import pytest
+import torch
 
 import rayk
 from rayk.cache.disk_tier import MAGIC, SUFFIX
+from rayk.cache.transfer import CopyEngine
 from tests.conftest import BLOCK_SIZE, hf_greedy, random_prompts
 
 MAX_NEW = 6
@@ -100,6 +102,7 @@ def test_a_host_copy_in_flight_is_never_reused_evicted_or_served(tiny_llama_dir,
     reference = hf_greedy(tiny_llama_dir, prompts, MAX_NEW)
     llm = rayk.LLM(tiny_llama_dir, block_size=BLOCK_SIZE, num_device_blocks=8, host_blocks=6, max_num_seqs=1)
     host = llm.engine.host
+    host.copy_engine = CopyEngine(torch.device("cpu"), threaded=True)  # asynchronous, as on CUDA
     gate = threading.Event()
     submit = host.copy_engine.submit
     host.copy_engine.submit = lambda copy: submit(lambda: (gate.wait(), copy()))

@@ -111,13 +111,14 @@ class DiskTier:
         if entry is None or entry.parent != parent or entry.tokens != tokens:
             return None
         size = self._payload_bytes[entry.compression]
+        payload = torch.empty(size, dtype=torch.uint8)  # read into once: no bytes object, no copy
         try:
             with entry.path.open("rb") as f:
                 f.seek(entry.payload_offset)
-                payload = f.read(size)
+                num_read = f.readinto(payload.numpy())
         except OSError:
-            payload = b""
-        if len(payload) != size or xxhash.xxh3_64_intdigest(payload) != entry.checksum:
+            num_read = -1
+        if num_read != size or xxhash.xxh3_64_intdigest(payload.numpy()) != entry.checksum:
             self._reject(key, entry.path)
             return None
         with self._lock:
@@ -125,19 +126,19 @@ class DiskTier:
         self.num_loaded += 1
         return self._decode(payload, entry.compression)
 
-    def _encode(self, block: torch.Tensor) -> bytes:
-        """One block (``[2, layers, 1, ...]``) as this tier writes it."""
+    def _encode(self, block: torch.Tensor) -> list:
+        """One block (``[2, layers, 1, ...]``) as this tier writes it: buffers, not copies."""
         if self.compression is None:
-            return block.contiguous().view(torch.uint8).numpy().tobytes()
+            return [block.contiguous().view(torch.uint8).numpy()]
         q, scales = quantize_int8(block)
-        return q.numpy().tobytes() + scales.numpy().tobytes()
+        return [q.numpy(), scales.numpy()]
 
-    def _decode(self, payload: bytes, compression: str | None) -> torch.Tensor:
-        if compression is None:
-            return self.layout.blocks_from_bytes(payload, 1)
+    def _decode(self, raw: torch.Tensor, compression: str | None) -> torch.Tensor:
+        """A block from its payload (a uint8 tensor the block may keep)."""
         layout = self.layout
         shape = (2, layout.num_layers, 1, layout.block_size, layout.num_kv_heads, layout.head_dim)
-        raw = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        if compression is None:
+            return raw.view(layout.dtype).view(shape)
         num_values = raw.numel() - 2 * layout.num_layers * layout.num_kv_heads * 4
         q = raw[:num_values].view(torch.int8).view(shape)
         scales = raw[num_values:].view(torch.float32).view(2, layout.num_layers, 1, layout.num_kv_heads)
@@ -146,11 +147,15 @@ class DiskTier:
     # -- writes -------------------------------------------------------------------------------
 
     def store(self, records: Sequence[BlockRecord], blocks: torch.Tensor) -> None:
-        """Queues copies of ``blocks`` to be encoded and written by the writer; returns at once."""
+        """Queues ``blocks`` (``[2, layers, n, ...]``) to be encoded and written; returns at once.
+
+        The tier takes ownership of ``blocks``: every caller passes a tensor it has just gathered
+        and will not touch again, so nothing is copied here, on the caller's path.
+        """
         data = blocks.cpu()
         for i, record in enumerate(records):
             if record.key not in self._index:
-                self._queue.put((record, data[:, :, i : i + 1].clone()))
+                self._queue.put((record, data[:, :, i : i + 1]))
 
     def flush(self) -> None:
         """Waits until every queued block is on disk (or dropped for lack of room)."""
@@ -194,7 +199,12 @@ class DiskTier:
                 self._queue.task_done()
 
     def _write(self, record: BlockRecord, block: torch.Tensor) -> None:
-        payload = self._encode(block)
+        parts = self._encode(block)
+        payload_bytes = sum(part.nbytes for part in parts)
+        digest = xxhash.xxh3_64()
+        for part in parts:
+            digest.update(part)
+        checksum = digest.intdigest()
         header = msgpack.packb(
             {
                 "key": record.key,
@@ -204,12 +214,12 @@ class DiskTier:
                 "fingerprint": self.fingerprint,
                 "layout": self.layout.to_metadata(),
                 "compression": self.compression,
-                "payload_bytes": len(payload),
-                "checksum": xxhash.xxh3_64_intdigest(payload),
+                "payload_bytes": payload_bytes,
+                "checksum": checksum,
             },
             use_bin_type=True,
         )
-        size = len(MAGIC) + 4 + len(header) + len(payload)
+        size = len(MAGIC) + 4 + len(header) + payload_bytes
         if size > self.max_bytes:
             return
         with self._lock:
@@ -219,10 +229,11 @@ class DiskTier:
         path = self.directory / (record.key.hex() + SUFFIX)
         temporary = path.with_suffix(".tmp")
         with temporary.open("wb") as f:
-            f.write(MAGIC + len(header).to_bytes(4, "little") + header + payload)
+            f.write(MAGIC + len(header).to_bytes(4, "little") + header)
+            for part in parts:
+                f.write(part)
         os.replace(temporary, path)
-        checksum = xxhash.xxh3_64_intdigest(payload)
-        entry = _Entry(path, record.parent, record.depth, record.tokens, size, checksum, size - len(payload), self.compression)
+        entry = _Entry(path, record.parent, record.depth, record.tokens, size, checksum, size - payload_bytes, self.compression)
         with self._lock:
             self._add(record.key, entry)
         self.num_stored += 1

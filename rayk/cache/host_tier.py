@@ -1,16 +1,18 @@
 """The host tier: KV blocks in (pinned, on CUDA) host memory, below a device pool.
 
-Its bookkeeping is a ``BlockPool`` of its own (tier "host", its own eviction policy) and its
-storage a CPU ``PagedKVCache`` of the same layout, so moving blocks either way is one gather and
-one scatter of many blocks. With ``compress`` it stores blocks as int8 with per-head scales
-(``rayk.cache.quantization``) and hands them out dequantized. A host block is referenced while a copy reads or writes it, so the
-pool never hands it out, nor evicts it, mid-copy; when the tier needs room, its victims are
-passed to the tier below (disk) before they are overwritten.
+Its bookkeeping is a ``BlockPool`` of its own (tier "host", its own eviction policy). Its storage
+is block-major, ``[slots, 2, layers, block_size, kv_heads, head_dim]``, so each slot is one
+contiguous buffer: a block moves between the device's paged layout and a slot in one strided
+copy of all its layers (one pass over the bytes, no gather buffer), and on CUDA one DMA per block.
+With ``compress`` slots hold int8 with per-head scales (``rayk.cache.quantization``) and blocks
+come out dequantized.
 
-With a ``CopyEngine``, ``store`` returns before the copy is done: the target slots stay
-referenced and unpublished (lookups miss them) until ``poll`` sees the copy finished, in order.
-The source tensor is the caller's own gathered copy, so the device blocks it came from may be
-overwritten at once.
+A slot is referenced while a copy reads or writes it, so the pool never hands it out, nor evicts
+it, mid-copy; victims evicted to make room go to the tier below (disk) first. With an
+asynchronous ``CopyEngine`` (a CUDA stream), ``demote`` snapshots the device blocks (a gather on
+the device, cheap there) so they may be overwritten at once, returns before the copy is done, and
+keeps the target slots referenced and unpublished (lookups miss them) until ``poll`` sees the
+copy finished, in order.
 """
 
 from __future__ import annotations
@@ -28,13 +30,17 @@ from rayk.cache.quantization import compressed_block_bytes, dequantize_int8, qua
 from rayk.cache.transfer import CopyEngine, Ticket
 from rayk.hashing import BlockHash
 
+# [2, layers, n, ...] (paged order) <-> [n, 2, layers, ...] (block-major order)
+_TO_BLOCK_MAJOR = (2, 0, 1, 3, 4, 5)
+_TO_PAGED = (1, 2, 0, 3, 4, 5)
+
 
 @dataclass
 class _PendingCopy:
     ticket: Ticket
     slots: list[int]
     records: list[BlockRecord]
-    finish: Callable[[], None] | None  # host-side work once the copy is done (CUDA: unstage)
+    finish: Callable[[], None] | None  # host-side work once the copy is done
     source: torch.Tensor  # kept alive until the copy has read it
 
 
@@ -46,57 +52,103 @@ class HostTier:
     ):
         self.layout = layout
         self.compress = compress
-        self.copy_engine = copy_engine
-        self._pending: deque[_PendingCopy] = deque()
-        self._pending_keys: set[BlockHash] = set()
+        self.copy_engine = copy_engine or CopyEngine(torch.device("cpu"))
         pinned = torch.cuda.is_available()
+        shape = (num_blocks, 2, layout.num_layers, layout.block_size, layout.num_kv_heads, layout.head_dim)
+        self.blocks = torch.zeros(shape, dtype=torch.int8 if compress else layout.dtype, pin_memory=pinned)
         if compress:
-            stored = KVLayout(layout.num_layers, layout.block_size, layout.num_kv_heads, layout.head_dim, torch.int8)
-            self.kv = PagedKVCache(stored, num_blocks, "cpu", pin_memory=pinned)
-            self.scales = torch.zeros((2, layout.num_layers, num_blocks, layout.num_kv_heads), dtype=torch.float32, pin_memory=pinned)
+            self.scales = torch.zeros((num_blocks, 2, layout.num_layers, layout.num_kv_heads), dtype=torch.float32, pin_memory=pinned)
             bytes_per_block = compressed_block_bytes(layout.num_layers, layout.block_size, layout.num_kv_heads, layout.head_dim)
         else:
-            self.kv = PagedKVCache(layout, num_blocks, "cpu", pin_memory=pinned)
             bytes_per_block = layout.bytes_per_block
         self.pool = BlockPool(num_blocks, layout.block_size, tier=self.name, policy=policy, bytes_per_block=bytes_per_block)
         self.lower = lower
+        self._pending: deque[_PendingCopy] = deque()
+        self._pending_keys: set[BlockHash] = set()
         self.num_stored = 0
         self.num_loaded = 0
 
     def lookup(self, key: BlockHash, parent: BlockHash, tokens: bytes) -> int | None:
         return self.pool.lookup(key, parent, tokens)
 
-    def store(self, records: Sequence[BlockRecord], blocks: torch.Tensor) -> None:
-        """Keeps copies of ``blocks`` (``[2, layers, n, ...]``, ``records[i]`` describing block i).
+    # -- into the tier ------------------------------------------------------------------------
 
-        Keys already here are skipped. What does not fit goes to the tier below, as do the
-        victims evicted to make room.
-        """
+    def store(self, records: Sequence[BlockRecord], blocks: torch.Tensor) -> None:
+        """Keeps copies of ``blocks`` (``[2, layers, n, ...]``, ``records[i]`` describing block i,
+        a tensor the caller will not change). Keys already here are skipped; what does not fit
+        goes to the tier below."""
+        placed = self._place(records, lambda idx: blocks[:, :, idx])
+        if placed is not None:
+            slots, kept, idx = placed
+            self._copy_in(slots, kept, blocks[:, :, idx])
+
+    def demote(self, records: Sequence[BlockRecord], kv_cache: PagedKVCache) -> None:
+        """Keeps copies of the device blocks ``records[i].block`` of ``kv_cache``."""
+        ids = [r.block for r in records]
+        placed = self._place(records, lambda idx: kv_cache.gather([ids[i] for i in idx]))
+        if placed is None:
+            return
+        slots, kept, idx = placed
+        device_ids = [ids[i] for i in idx]
+        if self.copy_engine.asynchronous or self.compress:
+            self._copy_in(slots, kept, kv_cache.gather(device_ids))
+            return
+        for slot, block in zip(slots, device_ids):
+            self.blocks[slot].copy_(kv_cache.kv[:, :, block])
+        self._publish(slots, kept)
+
+    def _place(self, records: Sequence[BlockRecord], data_for: Callable[[list[int]], torch.Tensor]):
+        """Allocates slots for the records not here yet, sending overflow and the victims evicted
+        for room to the tier below; returns (slots, their records, their indices) or None."""
         self.poll()
         fresh = [i for i, r in enumerate(records) if r.key not in self.pool.cached and r.key not in self._pending_keys]
         kept = fresh[: self.pool.num_free_blocks]
         overflow = fresh[len(kept) :]
         if overflow and self.lower is not None:
-            self.lower.store([records[i] for i in overflow], blocks[:, :, overflow])
+            self.lower.store([records[i] for i in overflow], data_for(overflow))
         if not kept:
-            return
+            return None
         evicted: list[BlockRecord] = []
         slots = self.pool.allocate(len(kept), evicted)
         if evicted and self.lower is not None:
             self.lower.store(evicted, self.gather([r.block for r in evicted]))
-        data, kept_records = blocks[:, :, kept], [records[i] for i in kept]
-        if self.copy_engine is None:
+        return slots, [records[i] for i in kept], kept
+
+    def _copy_in(self, slots: list[int], records: list[BlockRecord], data: torch.Tensor) -> None:
+        if not self.copy_engine.asynchronous:
             self._write(slots, data)
-            self._publish(slots, kept_records)
+            self._publish(slots, records)
             return
-        if data.is_cuda:
+        if data.is_cuda and not self.compress:
+            # One contiguous block per slot: one DMA each, straight into pinned memory.
+            ordered = data.permute(_TO_BLOCK_MAJOR).contiguous()
+
+            def copy():
+                for i, slot in enumerate(slots):
+                    self.blocks[slot].copy_(ordered[i], non_blocking=True)
+
+            pending = _PendingCopy(self.copy_engine.submit(copy), slots, records, None, ordered)
+        elif data.is_cuda:
             staging = torch.empty(data.shape, dtype=data.dtype, pin_memory=True)
             ticket = self.copy_engine.submit(lambda: staging.copy_(data, non_blocking=True))
-            pending = _PendingCopy(ticket, slots, kept_records, lambda: self._write(slots, staging), data)
+            pending = _PendingCopy(ticket, slots, records, lambda: self._write(slots, staging), data)
         else:
-            pending = _PendingCopy(self.copy_engine.submit(lambda: self._write(slots, data)), slots, kept_records, None, data)
+            pending = _PendingCopy(self.copy_engine.submit(lambda: self._write(slots, data)), slots, records, None, data)
         self._pending.append(pending)
-        self._pending_keys.update(r.key for r in kept_records)
+        self._pending_keys.update(r.key for r in records)
+
+    def _write(self, slots: list[int], data: torch.Tensor) -> None:
+        """Writes ``[2, layers, n, ...]`` host-side data into the slots, one pass."""
+        if self.compress:
+            q, scales = quantize_int8(data.cpu())
+            index = torch.as_tensor(slots, dtype=torch.long)
+            self.blocks.index_copy_(0, index, q.permute(_TO_BLOCK_MAJOR))
+            self.scales.index_copy_(0, index, scales.permute(2, 0, 1, 3))
+            return
+        for i, slot in enumerate(slots):
+            self.blocks[slot].copy_(data[:, :, i])
+
+    # -- pending copies -----------------------------------------------------------------------
 
     def poll(self) -> None:
         """Publishes the copies that have finished, oldest first."""
@@ -126,6 +178,8 @@ class HostTier:
         self.pool.free(slots)
         self.num_stored += len(slots)
 
+    # -- out of the tier ----------------------------------------------------------------------
+
     def hold(self, slots: Sequence[int]) -> None:
         """Protects slots a prefix hit will read from eviction until ``release``."""
         self.pool.touch(slots)
@@ -133,26 +187,35 @@ class HostTier:
     def release(self, slots: Sequence[int]) -> None:
         self.pool.free(slots)
 
+    def onload(self, slots: Sequence[int], kv_cache: PagedKVCache, device_blocks: Sequence[int]) -> None:
+        """Copies held slots into device blocks, one pass (a DMA per block on CUDA); the copy is
+        complete when this returns, so the slots may be released."""
+        self.num_loaded += len(slots)
+        if self.compress:
+            kv_cache.scatter(device_blocks, self.gather(slots))
+            return
+        if kv_cache.device.type == "cuda":
+            staging = torch.empty((len(slots),) + self.blocks.shape[1:], dtype=self.blocks.dtype, device=kv_cache.device)
+            for i, slot in enumerate(slots):
+                staging[i].copy_(self.blocks[slot], non_blocking=True)
+            kv_cache.scatter(device_blocks, staging.permute(_TO_PAGED))
+            torch.cuda.current_stream(kv_cache.device).synchronize()
+            return
+        for slot, block in zip(slots, device_blocks):
+            kv_cache.kv[:, :, block].copy_(self.blocks[slot])
+
     def read(self, slots: Sequence[int]) -> torch.Tensor:
         """The blocks in the model's dtype, counted as loaded (a hit being served)."""
         self.num_loaded += len(slots)
         return self.gather(slots)
 
     def gather(self, slots: Sequence[int]) -> torch.Tensor:
-        """The blocks in the model's dtype (``[2, layers, n, ...]``)."""
-        if not self.compress:
-            return self.kv.gather(slots)
+        """A new ``[2, layers, n, ...]`` tensor of the slots' blocks in the model's dtype."""
         index = torch.as_tensor(slots, dtype=torch.long)
-        return dequantize_int8(self.kv.gather(slots), self.scales.index_select(2, index), self.layout.dtype)
-
-    def _write(self, slots: list[int], blocks: torch.Tensor) -> None:
+        blocks = self.blocks.index_select(0, index).permute(_TO_PAGED)
         if not self.compress:
-            self.kv.scatter(slots, blocks)
-            return
-        q, scales = quantize_int8(blocks.cpu())
-        self.kv.scatter(slots, q)
-        self.scales.index_copy_(2, torch.as_tensor(slots, dtype=torch.long), scales)
+            return blocks
+        return dequantize_int8(blocks, self.scales.index_select(0, index).permute(1, 2, 0, 3), self.layout.dtype)
 
     def evict(self, keys) -> int:
-        evicted = self.pool.evict(keys)
-        return len(evicted)
+        return len(self.pool.evict(keys))

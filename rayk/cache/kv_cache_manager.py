@@ -195,7 +195,7 @@ class KVCacheManager:
         state.block_ids.extend(table)
         if host_slots:
             start = time.perf_counter()
-            self.kv_cache.scatter(onload["host"][0], self.host.read(onload["host"][1]))
+            self.host.onload(onload["host"][1], self.kv_cache, onload["host"][0])
             self.host.release(host_slots)
             self.record_transfer("onload", "host", "device", len(host_slots), start)
         if onload["disk"][0]:
@@ -226,11 +226,14 @@ class KVCacheManager:
         return blocks
 
     def _demote(self, evicted: list[BlockRecord]) -> None:
-        lower = self.host or self.disk
-        if lower is not None:
-            start = time.perf_counter()
-            lower.store(evicted, self.kv_cache.gather([r.block for r in evicted]))
-            self.record_transfer("demote", "device", lower.name, len(evicted), start)
+        start = time.perf_counter()
+        if self.host is not None:
+            self.host.demote(evicted, self.kv_cache)
+        elif self.disk is not None:
+            self.disk.store(evicted, self.kv_cache.gather([r.block for r in evicted]))
+        else:
+            return
+        self.record_transfer("demote", "device", (self.host or self.disk).name, len(evicted), start)
 
     # -- publishing and freeing ---------------------------------------------------------------
 

@@ -72,7 +72,10 @@ class MemoryController:
         start = time.perf_counter()
         moved = m.pool.evict(keys)
         if moved:
-            target.store(moved, m.kv_cache.gather([r.block for r in moved]))
+            if tier == "host":
+                m.host.demote(moved, m.kv_cache)
+            else:
+                m.disk.store(moved, m.kv_cache.gather([r.block for r in moved]))
             m.record_transfer("offload", "device", tier, len(moved), start)
         if tier == "disk" and m.host is not None:
             start = time.perf_counter()
