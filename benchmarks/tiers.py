@@ -9,8 +9,9 @@
 2. **Disk.** ``DiskTier.store(records, blocks)`` + ``flush()`` of ``--disk-blocks`` blocks, then
    one ``DiskTier.read(key, parent, tokens)`` per block, against one ``write`` + ``flush`` of a
    single file of the same bytes and one ``readinto`` of it, in the same directory (under the
-   current directory, not /dev/shm). DiskTier does not fsync, so neither does the baseline. Page
-   caches cannot be dropped without root: both sides read from the page cache. Goal: ratio >= 0.7.
+   current directory, not /dev/shm). DiskTier does not fsync, so neither does the baseline; an
+   untimed ``os.sync()`` before each timed step keeps one side's writeback out of the other's
+   timing. Page caches are not dropped: both sides read from the page cache. Goal: ratio >= 0.7.
 3. **TTFT.** A tiny random Llama (written with transformers) is served by ``rayk.LLM`` with a
    device pool, a host tier and a disk tier. A 2k-token prompt runs once; distinct 2k-token
    fillers then push its prefix down to the tier under test; the prompt runs again with
@@ -166,10 +167,16 @@ def bench_disk(layout: KVLayout, generator: torch.Generator, args) -> list[dict]
                 with plain.open("rb") as f:
                     f.readinto(readback)
 
+            # Each timed step starts with no dirty pages left to write back (os.sync, untimed), so
+            # neither side pays for the other's writes.
+            os.sync()
             write = _seconds(lambda: (disk.store(records, blocks), disk.flush()), CPU)
+            os.sync()
             base_write = _seconds(write_plain, CPU)
+            os.sync()
             read_back = []
             read = _seconds(lambda: read_back.extend(disk.read(r.key, r.parent, r.tokens) for r in records), CPU)
+            os.sync()
             base_read = _seconds(read_plain, CPU)
             assert all(b is not None for b in read_back) and torch.equal(torch.cat(read_back, dim=2), blocks), "disk read back wrong bytes"
             assert readback == payload.tobytes(), "plain file read back wrong bytes"
