@@ -1,7 +1,8 @@
 """Engine configuration: plain dataclasses, validated once at construction.
 
-They hold only plain values (str, int, bool, None), so they pass through a Ray actor's constructor
-unchanged. Every error names the field and the allowed range.
+They hold plain values (str, int, float, bool, None, small dicts), plus at most a user's
+``EvictionPolicy`` object, so they pickle and pass through a Ray actor's constructor unchanged.
+Every error names the field and the allowed range.
 """
 
 from __future__ import annotations

@@ -19,9 +19,10 @@ _MODEL_OPTIONS = ("attention_backend",)
 class LLM:
     """Loads a model and serves ``generate`` calls through the paged, prefix-cached engine.
 
-    Extra keyword options: ``enable_prefix_caching``, ``hash_algorithm``,
-    ``gpu_memory_utilization``, ``cpu_kv_cache_bytes``, ``max_num_batched_tokens`` and
-    ``attention_backend`` ("auto", "torch" or "flash_attn").
+    Extra keyword options (see ``rayk.config``): ``enable_prefix_caching``, ``hash_algorithm``,
+    ``gpu_memory_utilization``, ``cpu_kv_cache_bytes``, ``host_blocks``, ``disk_dir``,
+    ``disk_bytes``, ``eviction_policy``, ``lifecycle_sample_rate``, ``compress``,
+    ``max_num_batched_tokens`` and ``attention_backend`` ("auto", "torch" or "flash_attn").
     """
 
     def __init__(
@@ -91,7 +92,7 @@ class LLM:
         """A context manager recording steps, transfers and evictions (see ``rayk.profiler``)."""
         return Profiler(self.engine)
 
-    # -- memory control: a target is a prompt (string or token ids) or a list of block keys --
+    # -- memory control: a target is a prompt (string or token ids), a block key, or a list of keys --
 
     def block_hashes(self, prompt: str | Sequence[int], *, cache_salt: str | None = None) -> list[bytes]:
         """The keys of a prompt's full blocks."""
@@ -139,6 +140,8 @@ class LLM:
         return self.engine.memory.load_cache(path)
 
     def _keys(self, target, cache_salt) -> list[bytes]:
+        if isinstance(target, bytes):
+            return [target]
         if isinstance(target, (list, tuple)) and target and all(isinstance(k, bytes) for k in target):
             return list(target)
         return self.engine.block_hashes(target, cache_salt)

@@ -56,7 +56,7 @@ def test_offload_and_prefetch_move_a_prompt_between_tiers(tiny_llama_dir, tmp_pa
     assert llm.offload(SYSTEM, tier="host") == 3
     served = _ask(llm, 0)
     assert served.cached_tokens_by_tier["host"] == 48 and served.token_ids == reference[0]
-    assert llm.offload(SYSTEM, tier="disk") == 6
+    assert llm.offload(SYSTEM, tier="disk") == 3
     served = _ask(llm, 1)
     assert served.cached_tokens_by_tier["disk"] == 48 and served.token_ids == reference[1]
     llm.offload(SYSTEM, tier="disk")
@@ -143,3 +143,56 @@ def test_a_saved_cache_loads_into_a_fresh_engine(tiny_llama_dir, tmp_path, refer
     assert output.token_ids == reference[0] and output.cached_tokens_by_tier["device"] == 48
     with pytest.raises(ValueError, match="is not a directory"):
         second.load_cache(str(tmp_path / "missing"))
+
+
+def test_a_pinned_prompt_can_be_unpinned_by_prompt_and_extended(tiny_llama_dir):
+    llm = rayk.LLM(tiny_llama_dir, block_size=4, num_device_blocks=8)
+    prompt = list(range(17))
+    llm.warm([prompt])
+    assert llm.pin(prompt) == 4
+    # 18 tokens + 4 new need 6 blocks: 4 of them are the prompt's own pins, 4 blocks remain free.
+    assert llm.generate(prompt + [5], GREEDY)[0].num_cached_tokens == 16
+    llm.unpin(prompt)
+    assert not llm.engine.pool.pinned
+
+
+def test_pinning_a_chain_partly_on_the_host_pins_all_of_it(tiny_llama_dir, tmp_path):
+    llm = _tiered(tiny_llama_dir, tmp_path)
+    llm.warm([SYSTEM])
+    keys = llm.block_hashes(SYSTEM)
+    llm.offload(keys[1:], tier="host")
+    assert llm.pin(SYSTEM) == 3
+    assert all(k in llm.engine.pool.pinned for k in keys)
+    llm.engine.kv_cache_manager.check_invariants()
+    llm.close()
+
+
+def test_offload_and_prefetch_count_what_they_placed_once_per_key(tiny_llama_dir):
+    llm = rayk.LLM(tiny_llama_dir, block_size=BLOCK_SIZE, num_device_blocks=16, host_blocks=2)
+    llm.warm([SYSTEM])
+    keys = llm.block_hashes(SYSTEM)
+    assert llm.offload(keys + keys, tier="host") == 2  # two host slots, no disk: one block is lost
+    assert llm.prefetch(keys + keys) == 2
+
+
+def test_another_models_snapshot_is_refused_and_left_alone(tiny_llama_dir, tiny_qwen3_dir, tmp_path):
+    llama = rayk.LLM(tiny_llama_dir, block_size=BLOCK_SIZE)
+    llama.warm([SYSTEM])
+    llama.save_cache(str(tmp_path / "snapshot"))
+    files = sorted((tmp_path / "snapshot").iterdir())
+    qwen = rayk.LLM(tiny_qwen3_dir, block_size=BLOCK_SIZE)
+    with pytest.raises(ValueError, match="holds 3 files written for another model, block size or KV layout"):
+        qwen.load_cache(str(tmp_path / "snapshot"))
+    with pytest.raises(ValueError, match="another model"):
+        qwen.save_cache(str(tmp_path / "snapshot"))
+    assert sorted((tmp_path / "snapshot").iterdir()) == files
+
+
+def test_a_snapshot_larger_than_the_host_tier_keeps_its_prefixes(tiny_llama_dir, tmp_path, reference):
+    first = rayk.LLM(tiny_llama_dir, block_size=BLOCK_SIZE)
+    first.warm([SYSTEM + QUESTIONS[0] + OTHERS[0]])  # 95 tokens: 5 full blocks, the system prompt's 3 first
+    assert first.save_cache(str(tmp_path / "snapshot")) == 5
+    second = rayk.LLM(tiny_llama_dir, block_size=BLOCK_SIZE, host_blocks=3)
+    assert second.load_cache(str(tmp_path / "snapshot")) == 3
+    served = _ask(second)
+    assert served.cached_tokens_by_tier["host"] == 48 and served.token_ids == reference[0]

@@ -122,3 +122,14 @@ def test_policies_stay_compact_under_churn(name):
     heap = getattr(policy, "_heap", None)
     assert heap is None or len(heap) <= 2 * len(live) + 64
     assert isinstance(policy, EvictionPolicy)
+
+
+@pytest.mark.parametrize("name", ["lfu", "adaptive", "cost_aware"])
+def test_policies_forget_what_they_knew_of_dropped_blocks(name):
+    policy = make_policy(name)
+    for i in range(1000):
+        info = BlockInfo(_key(i), depth=0, num_bytes=64)
+        policy.on_insert(info)
+        policy.on_access(info)
+        policy.on_remove(info.key, dropped=True)
+    assert len(policy.frequency) == 0

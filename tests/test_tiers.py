@@ -124,3 +124,42 @@ def test_a_host_copy_in_flight_is_never_reused_evicted_or_served(tiny_llama_dir,
     served = llm.generate(prompts[1], GREEDY)[0]
     assert served.cached_tokens_by_tier["host"] == 48 and served.token_ids == reference[1]
     llm.engine.kv_cache_manager.check_invariants()
+
+
+def test_a_failing_disk_write_is_counted_and_the_writer_keeps_going(tiny_llama_dir, tmp_path, prompts):
+    import shutil
+
+    llm = rayk.LLM(tiny_llama_dir, block_size=BLOCK_SIZE, num_device_blocks=8, disk_dir=str(tmp_path / "kv"), max_num_seqs=1)
+    shutil.rmtree(tmp_path / "kv")  # every write now fails
+    _run_one_by_one(llm, prompts)
+    llm.engine.disk.flush()
+    assert llm.engine.disk.num_write_errors > 0
+    (tmp_path / "kv").mkdir()
+    _run_one_by_one(llm, prompts)
+    llm.engine.disk.flush()
+    assert llm.stats()["disk_tier"]["stored_blocks"] > 0
+    llm.close()
+    with pytest.raises(RuntimeError, match="is closed"):
+        llm.engine.disk.store([], torch.zeros(0))
+
+
+def test_a_rejection_only_drops_the_file_that_failed(tmp_path):
+    from rayk.cache.block_pool import BlockRecord
+    from rayk.cache.disk_tier import DiskTier
+    from rayk.cache.paged_kv import KVLayout
+    from rayk.cache.policies import make_policy
+    from rayk.hashing import token_bytes
+
+    layout = KVLayout(1, 4, 1, 8, torch.float32)
+    tier = DiskTier(tmp_path, layout, bytes(32), 1 << 20, make_policy("lru"))
+    record = BlockRecord(0, b"k" * 16, bytes(16), 0, token_bytes([1, 2, 3, 4]))
+    tier.store([record], torch.ones(2, 1, 1, 4, 1, 8))
+    tier.flush()
+    read_while_stale = tier._index[record.key]
+    tier.evict([record.key])
+    tier.store([record], torch.full((2, 1, 1, 4, 1, 8), 2.0))
+    tier.flush()
+    tier._reject(record.key, read_while_stale)  # a reader that lost a race with evict + rewrite
+    assert tier.num_rejected == 0 and tier.contains(record.key)
+    assert torch.equal(tier.read(record.key, record.parent, record.tokens), torch.full((2, 1, 1, 4, 1, 8), 2.0))
+    tier.close()

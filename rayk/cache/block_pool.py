@@ -20,6 +20,7 @@ encoding, so storing them is a slice copy and confirming a hit is a memcmp.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -201,7 +202,7 @@ class BlockPool:
     def _drop_key(self, block: int) -> None:
         key = self.block_hashes[block]
         self._evictable.pop(key, None)
-        self.policy.on_remove(key)
+        self.policy.on_remove(key, dropped=True)
         del self.cached[key]
         self.block_hashes[block] = None
         self.parent_hashes[block] = None
@@ -234,6 +235,12 @@ class BlockPool:
     @property
     def num_cached_blocks(self) -> int:
         return len(self.cached)
+
+    def bookkeeping_bytes(self) -> int:
+        """An estimate of the host memory this bookkeeping takes (lists, maps, keys, tokens)."""
+        containers = (self.ref_counts, self.block_hashes, self.parent_hashes, self.depths, self._token_bytes, self.cached, self._evictable)
+        keys = sum(sys.getsizeof(k) for k in self.cached) * 2  # each key, and its copy as a parent
+        return sum(sys.getsizeof(c) for c in containers) + keys
 
     def free_block_ids(self) -> list[int]:
         """The blocks an allocation could take now (uncached or evictable), in id order."""

@@ -17,15 +17,23 @@ too, and reads as a miss, so its tokens are recomputed, never served wrong.
 
 Files are written by a background thread (off the request's critical path) to a temporary name
 and renamed into place, so a crash never leaves a half-written file under a block's name. A
-block joins the index once its file is complete. The files' total size stays within
-``max_bytes``; the tier's eviction policy picks the files to delete.
+block joins the index once its file is complete; a write that fails (disk full, directory gone)
+is logged, counted in ``num_write_errors`` and dropped, and the writer goes on. The files' total
+size stays within ``max_bytes``; the tier's eviction policy picks the files to delete. The index,
+the byte count and the event buffer are shared with the writer and guarded by one lock.
+
+``read_only`` opens a directory (a snapshot) without writing or deleting anything in it: files
+that do not belong are counted in ``num_foreign`` and left alone.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +51,9 @@ from rayk.hashing import BlockHash, token_bytes, token_ids_from_bytes
 
 MAGIC = b"RAYKKV01"
 SUFFIX = ".kvb"
+_STALE_TEMPORARY_S = 3600.0  # a temporary file this old was left by a crash, not a live writer
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -61,10 +72,19 @@ class DiskTier:
     name = "disk"
 
     def __init__(
-        self, directory: str | os.PathLike, layout: KVLayout, fingerprint: bytes, max_bytes: int, policy: EvictionPolicy, compress: bool = False
+        self,
+        directory: str | os.PathLike,
+        layout: KVLayout,
+        fingerprint: bytes,
+        max_bytes: int,
+        policy: EvictionPolicy,
+        compress: bool = False,
+        read_only: bool = False,
     ):
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.read_only = read_only
+        if not read_only:
+            self.directory.mkdir(parents=True, exist_ok=True)
         self.layout = layout
         self.compression = "int8" if compress else None
         self._payload_bytes = {
@@ -79,13 +99,19 @@ class DiskTier:
         self._lock = threading.Lock()
         self.num_bytes = 0
         self.num_rejected = 0
+        self.num_foreign = 0
         self.num_stored = 0
         self.num_loaded = 0
         self.num_evictions = 0
+        self.num_write_errors = 0
+        self._temporary_names = itertools.count()
         self._rebuild_index()
         self._queue: queue.Queue = queue.Queue()
-        self._writer = threading.Thread(target=self._write_loop, name="rayk-disk-writer", daemon=True)
-        self._writer.start()
+        self._closed = read_only
+        self._writer = None
+        if not read_only:
+            self._writer = threading.Thread(target=self._write_loop, name="rayk-disk-writer", daemon=True)
+            self._writer.start()
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -98,6 +124,10 @@ class DiskTier:
 
     def __len__(self) -> int:
         return len(self._index)
+
+    def drain_events(self) -> list:
+        with self._lock:
+            return self.events.drain()
 
     def record(self, key: BlockHash) -> BlockRecord | None:
         """What the file of ``key`` holds (``block`` is -1: a disk block has no slot)."""
@@ -119,7 +149,7 @@ class DiskTier:
         except OSError:
             num_read = -1
         if num_read != size or xxhash.xxh3_64_intdigest(payload.numpy()) != entry.checksum:
-            self._reject(key, entry.path)
+            self._reject(key, entry)
             return None
         with self._lock:
             self.policy.on_access(BlockInfo(key, entry.depth, entry.num_bytes))
@@ -152,6 +182,8 @@ class DiskTier:
         The tier takes ownership of ``blocks``: every caller passes a tensor it has just gathered
         and will not touch again, so nothing is copied here, on the caller's path.
         """
+        if self._closed:
+            raise RuntimeError(f"disk tier {str(self.directory)!r} is closed{' (read-only)' if self.read_only else ''}")
         data = blocks.cpu()
         for i, record in enumerate(records):
             if record.key not in self._index:
@@ -184,6 +216,9 @@ class DiskTier:
                 policy.on_insert(BlockInfo(key, entry.depth, entry.num_bytes))
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         self.flush()
         self._queue.put(None)
         self._writer.join()
@@ -195,6 +230,9 @@ class DiskTier:
                 if item is None:
                     return
                 self._write(*item)
+            except Exception:
+                self.num_write_errors += 1
+                logger.exception("rayk disk tier: could not write a block to %s; it is dropped", self.directory)
             finally:
                 self._queue.task_done()
 
@@ -227,12 +265,15 @@ class DiskTier:
                 return
             self._make_room(size)
         path = self.directory / (record.key.hex() + SUFFIX)
-        temporary = path.with_suffix(".tmp")
-        with temporary.open("wb") as f:
-            f.write(MAGIC + len(header).to_bytes(4, "little") + header)
-            for part in parts:
-                f.write(part)
-        os.replace(temporary, path)
+        temporary = self.directory / f"{record.key.hex()}.{os.getpid()}-{next(self._temporary_names)}.tmp"
+        try:
+            with temporary.open("wb") as f:
+                f.write(MAGIC + len(header).to_bytes(4, "little") + header)
+                for part in parts:
+                    f.write(part)
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
         entry = _Entry(path, record.parent, record.depth, record.tokens, size, checksum, size - payload_bytes, self.compression)
         with self._lock:
             self._add(record.key, entry)
@@ -256,29 +297,38 @@ class DiskTier:
         self.events.stored(key)
 
     def _delete(self, key: BlockHash) -> None:
+        """Forgets a block and deletes its file (caller holds the lock)."""
         entry = self._index.pop(key)
         self.num_bytes -= entry.num_bytes
-        self.policy.on_remove(key)
+        self.policy.on_remove(key, dropped=True)
         self.events.removed(key)
-        entry.path.unlink(missing_ok=True)
+        if not self.read_only:
+            entry.path.unlink(missing_ok=True)
 
-    def _reject(self, key: BlockHash, path: Path) -> None:
+    def _reject(self, key: BlockHash, entry: _Entry) -> None:
+        """Drops a block whose file failed its check, unless the file was replaced or evicted
+        while it was being read (then the read just missed)."""
         with self._lock:
-            if key in self._index:
+            if self._index.get(key) is entry:
                 self._delete(key)
-        path.unlink(missing_ok=True)
-        self.num_rejected += 1
+                self.num_rejected += 1
 
     def _rebuild_index(self) -> None:
-        for stale in self.directory.glob("*.tmp"):
-            stale.unlink(missing_ok=True)
+        if not self.directory.is_dir():
+            return
+        now = time.time()
+        for temporary in self.directory.glob("*.tmp"):
+            if not self.read_only and now - temporary.stat().st_mtime > _STALE_TEMPORARY_S:
+                temporary.unlink(missing_ok=True)
         for path in sorted(self.directory.glob("*" + SUFFIX), key=lambda p: p.stat().st_mtime):
             entry_and_key = self._read_header(path)
-            if entry_and_key is None:
+            if entry_and_key is not None:
+                self._add(entry_and_key[1], entry_and_key[0])
+            elif self.read_only:
+                self.num_foreign += 1
+            else:
                 path.unlink(missing_ok=True)
                 self.num_rejected += 1
-            else:
-                self._add(entry_and_key[1], entry_and_key[0])
         self.events.drain()
 
     def _read_header(self, path: Path) -> tuple[_Entry, BlockHash] | None:

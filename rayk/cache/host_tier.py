@@ -53,7 +53,8 @@ class HostTier:
         self.layout = layout
         self.compress = compress
         self.copy_engine = copy_engine or CopyEngine(torch.device("cpu"))
-        pinned = torch.cuda.is_available()
+        # Pinned memory only helps, and only exists, for copies to and from a CUDA device.
+        pinned = self.copy_engine.device.type == "cuda"
         shape = (num_blocks, 2, layout.num_layers, layout.block_size, layout.num_kv_heads, layout.head_dim)
         self.blocks = torch.zeros(shape, dtype=torch.int8 if compress else layout.dtype, pin_memory=pinned)
         if compress:
@@ -167,6 +168,7 @@ class HostTier:
         return [slot for p in self._pending for slot in p.slots]
 
     def _finish(self, pending: _PendingCopy) -> None:
+        pending.ticket.wait()  # done already; raises if the copy failed, so nothing wrong is published
         if pending.finish is not None:
             pending.finish()
         self._pending_keys.difference_update(r.key for r in pending.records)
@@ -179,6 +181,14 @@ class HostTier:
         self.num_stored += len(slots)
 
     # -- out of the tier ----------------------------------------------------------------------
+
+    def reserve(self, count: int) -> list[int]:
+        """Takes ``count`` free slots out of use (a budget); what they held goes to the tier below."""
+        evicted: list[BlockRecord] = []
+        slots = self.pool.allocate(count, evicted)
+        if evicted and self.lower is not None:
+            self.lower.store(evicted, self.gather([r.block for r in evicted]))
+        return slots
 
     def hold(self, slots: Sequence[int]) -> None:
         """Protects slots a prefix hit will read from eviction until ``release``."""

@@ -269,13 +269,22 @@ class KVCacheManager:
             return
         if self.host is not None:
             self.host.drain()
+        for records, blocks in self.cached_blocks(skip=self.disk.contains):
+            self.disk.store(records, blocks)
+
+    def cached_blocks(self, skip: Callable[[BlockHash], bool] = lambda key: False):
+        """Yields (records, their KV) for the cached blocks of the device, then of the host."""
         tiers = [(self.pool, self.kv_cache)] + ([(self.host.pool, self.host)] if self.host is not None else [])
-        for pool, kv in tiers:
-            records = [r for r in (pool.record(b) for b in pool.cached.values()) if not self.disk.contains(r.key)]
+        for pool, storage in tiers:
+            records = [r for r in (pool.record(b) for b in pool.cached.values()) if not skip(r.key)]
             if records:
-                self.disk.store(records, kv.gather([r.block for r in records]))
+                yield records, storage.gather([r.block for r in records])
 
     # -- introspection ------------------------------------------------------------------------
+
+    def request_usage(self) -> list[tuple[int, int]]:
+        """(blocks in its table, token slots it uses) for each request holding blocks."""
+        return [(len(s.block_ids), s.num_slots_used) for s in self._requests.values() if s.block_ids]
 
     @property
     def num_unused_slots(self) -> int:

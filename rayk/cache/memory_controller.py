@@ -1,16 +1,16 @@
 """Manual memory control over one worker's tiers: evict, pin, offload, prefetch, budgets,
 snapshots.
 
-Blocks are named by their keys; ``KVCacheManager`` resolves a prompt to its chain of keys. Every
-operation acts on the blocks it can and says how many it moved; blocks that a running request
-holds are never moved or evicted from under it. A pinned block stays on the device, never
-evicted, until unpinned. Pins and budgets that would leave the device unable to hold one
-``max_model_len`` sequence are refused with an error that names the numbers.
+Blocks are named by their keys (a prompt is resolved to its chain of keys above this layer;
+duplicate keys count once). Every operation acts on the blocks it can and returns how many it
+placed; blocks that a running request holds are never moved or evicted from under it. A pinned
+block stays on the device, never evicted, until unpinned. Pins and budgets that would leave the
+device fewer than ``min_device_blocks`` usable blocks are refused with an error that names the
+numbers.
 """
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +20,7 @@ import torch
 from rayk.cache.block_pool import BlockPool, BlockRecord
 from rayk.cache.disk_tier import DiskTier
 from rayk.cache.kv_cache_manager import KVCacheManager
-from rayk.cache.policies import EvictionPolicy, make_policy
+from rayk.cache.policies import EvictionPolicy, copy_policy, make_policy
 from rayk.hashing import BlockHash
 
 TIER_NAMES = ("device", "host", "disk")
@@ -61,13 +61,15 @@ class MemoryController:
 
     def offload(self, keys: Sequence[BlockHash], tier: str = "host") -> int:
         """Moves the keys' free, unpinned blocks down to ``tier`` ("host" or "disk"), out of the
-        tiers above it; returns how many blocks now sit only there or below."""
+        tiers above it; returns how many of the keys that tier (or, for the host, the disk below
+        it) now holds."""
         m = self.manager
         if tier not in ("host", "disk"):
             raise ValueError(f"offload tier must be 'host' or 'disk', got {tier!r}")
         target = m.host if tier == "host" else m.disk
         if target is None:
             raise ValueError(f"offload to {tier!r}, but this engine has no {tier} tier")
+        keys = list(dict.fromkeys(keys))
         self._settle()
         start = time.perf_counter()
         moved = m.pool.evict(keys)
@@ -83,13 +85,13 @@ class MemoryController:
             if from_host:
                 m.disk.store(from_host, m.host.gather([r.block for r in from_host]))
                 m.record_transfer("offload", "host", "disk", len(from_host), start)
-            moved += from_host
         self._settle()
-        return len(moved)
+        held = self.locate(keys)
+        return held["disk"] if tier == "disk" else sum(1 for k in keys if k in m.host.pool.cached or (m.disk is not None and m.disk.contains(k)))
 
     def prefetch(self, keys: Sequence[BlockHash], tier: str = "device") -> int:
-        """Copies the keys' blocks up into ``tier`` ("device" or "host") from the tiers below;
-        returns how many blocks were copied. Keys must form a chain in order (a prompt's)."""
+        """Copies the keys' blocks up into ``tier`` ("device" or "host") from the tiers below, as
+        many as it has room for; returns how many blocks were copied."""
         m = self.manager
         if tier not in ("device", "host"):
             raise ValueError(f"prefetch tier must be 'device' or 'host', got {tier!r}")
@@ -97,22 +99,26 @@ class MemoryController:
             raise ValueError("prefetch to 'host', but this engine has no host tier")
         self._settle()
         start = time.perf_counter()
-        records, blocks = self._read_below(keys, tier)
+        room = m.pool.num_free_blocks if tier == "device" else m.host.pool.num_free_blocks
+        records, blocks, sources = self._read_below(list(dict.fromkeys(keys)), tier, room)
         if not records:
             return 0
         if tier == "host":
             m.host.store(records, blocks)
-            m.record_transfer("prefetch", "disk", "host", len(records), start)
-            return len(records)
-        fit = min(len(records), m.pool.num_free_blocks)
-        if fit:
-            device_blocks = m._allocate(fit)
-            m.kv_cache.scatter(device_blocks, blocks[:, :, :fit])
-            for block, record in zip(device_blocks, records):
-                m.pool.cache_block(block, record.key, record.parent, record.tokens, record.depth)
-            m.pool.free(device_blocks)
-            m.record_transfer("prefetch", "below", "device", fit, start)
-        return fit
+            m.host.drain()
+        else:
+            self._place_on_device(records, blocks)
+        m.record_transfer("prefetch", "+".join(sorted(sources)), tier, len(records), start)
+        return len(records)
+
+    def _place_on_device(self, records: list[BlockRecord], blocks: torch.Tensor) -> None:
+        """Copies blocks into free device blocks and publishes them as cached (unreferenced)."""
+        m = self.manager
+        device_blocks = m._allocate(len(records))
+        m.kv_cache.scatter(device_blocks, blocks)
+        for block, record in zip(device_blocks, records):
+            m.pool.cache_block(block, record.key, record.parent, record.tokens, record.depth)
+        m.pool.free(device_blocks)
 
     def _settle(self) -> None:
         """Waits for pending host copies and disk writes, so every tier shows what it holds."""
@@ -122,31 +128,38 @@ class MemoryController:
         if m.disk is not None:
             m.disk.flush()
 
-    def _read_below(self, keys: Sequence[BlockHash], tier: str):
-        """Records and KV of the keys found below ``tier`` but not in it, in key order."""
+    def _read_below(self, keys: list[BlockHash], tier: str, limit: int):
+        """Up to ``limit`` records and KV of the keys found below ``tier`` but not in it, in key
+        order, and the tiers they came from."""
         m = self.manager
+        here = m.pool.cached if tier == "device" else m.host.pool.cached
         records: list[BlockRecord] = []
-        parts = []
+        parts, sources = [], set()
         for key in keys:
-            if key in (m.pool.cached if tier == "device" else m.host.pool.cached):
+            if len(records) == limit:
+                break
+            if key in here:
                 continue
             if tier == "device" and m.host is not None and key in m.host.pool.cached:
                 slot = m.host.pool.cached[key]
                 records.append(m.host.pool.record(slot))
                 parts.append(m.host.read([slot]))
-            elif m.disk is not None:
-                entry = m.disk.record(key)
-                payload = m.disk.read(key, entry.parent, entry.tokens) if entry is not None else None
+                sources.add("host")
+            elif m.disk is not None and (entry := m.disk.record(key)) is not None:
+                payload = m.disk.read(key, entry.parent, entry.tokens)
                 if payload is not None:
                     records.append(entry)
                     parts.append(payload)
-        return records, (torch.cat(parts, dim=2) if parts else None)
+                    sources.add("disk")
+        return records, (torch.cat(parts, dim=2) if parts else None), sources
 
     # -- pins ---------------------------------------------------------------------------------
 
     def pin(self, keys: Sequence[BlockHash]) -> int:
-        """Keeps the keys' blocks on the device until unpinned, fetching them up first."""
+        """Keeps the keys' blocks on the device until unpinned, fetching them up first; returns
+        how many of the keys are pinned now (a key cached nowhere cannot be)."""
         m = self.manager
+        keys = list(dict.fromkeys(keys))
         new = [k for k in keys if k not in m.pool.pinned]
         room = self._capacity("device") - len(m.pool.pinned) - self.min_device_blocks
         if len(new) > room:
@@ -154,8 +167,13 @@ class MemoryController:
                 f"pinning {len(new)} more blocks would leave fewer than the {self.min_device_blocks} device blocks "
                 f"one max_model_len sequence needs ({len(m.pool.pinned)} already pinned, {self._capacity('device')} usable)"
             )
-        self.prefetch(new, "device")
-        return sum(m.pool.pin(k) for k in new)
+        # Pin what is on the device first, so fetching the rest cannot evict it.
+        for key in new:
+            m.pool.pin(key)
+        self.prefetch([k for k in new if k not in m.pool.pinned], "device")
+        for key in new:
+            m.pool.pin(key)
+        return sum(1 for k in keys if k in m.pool.pinned)
 
     def unpin(self, keys: Sequence[BlockHash]) -> None:
         for key in keys:
@@ -188,28 +206,19 @@ class MemoryController:
             short = pool.num_blocks - wanted - len(reserved)
             if short > pool.num_free_blocks:
                 raise ValueError(f"the {tier} tier has only {pool.num_free_blocks} free blocks now; cannot set {short} aside")
-            reserved.extend(m._allocate(short) if tier == "device" else self._allocate_host(short))
+            reserved.extend(m._allocate(short) if tier == "device" else m.host.reserve(short))
         while len(reserved) > pool.num_blocks - wanted:
             pool.free([reserved.pop()])
         return wanted
 
-    def _allocate_host(self, count: int) -> list[int]:
-        evicted: list[BlockRecord] = []
-        m = self.manager
-        slots = m.host.pool.allocate(count, evicted)
-        if evicted and m.disk is not None:
-            m.disk.store(evicted, m.host.gather([r.block for r in evicted]))
-        return slots
-
     def set_eviction_policy(self, policy: str | EvictionPolicy) -> None:
         """Replaces every tier's policy (an instance serves the device; the others get copies)."""
         m = self.manager
-        fresh = lambda: make_policy(policy) if isinstance(policy, str) else copy.deepcopy(policy)  # noqa: E731
         m.pool.set_policy(make_policy(policy))
         if m.host is not None:
-            m.host.pool.set_policy(fresh())
+            m.host.pool.set_policy(copy_policy(policy))
         if m.disk is not None:
-            m.disk.set_policy(fresh())
+            m.disk.set_policy(copy_policy(policy))
 
     def _capacity(self, tier: str) -> int:
         return self._pool(tier).num_blocks - len(self.manager.reserved[tier])
@@ -225,15 +234,14 @@ class MemoryController:
     # -- snapshots ----------------------------------------------------------------------------
 
     def save_cache(self, path: str | Path) -> int:
-        """Writes every cached block of every tier to ``path`` in the disk tier's file format."""
+        """Writes every cached block of every tier to the directory ``path`` (created if need
+        be) in the disk tier's file format; returns how many blocks the snapshot holds."""
         m = self.manager
         self._settle()
+        self._open_snapshot(path, must_exist=False).close()
         snapshot = DiskTier(path, m.kv_cache.layout, m.hasher.fingerprint, 1 << 62, make_policy("lru"))
-        sources = [(m.pool, m.kv_cache)] + ([(m.host.pool, m.host)] if m.host is not None else [])
-        for pool, kv in sources:
-            records = [pool.record(b) for b in pool.cached.values()]
-            if records:
-                snapshot.store(records, kv.gather([r.block for r in records]))
+        for records, blocks in m.cached_blocks():
+            snapshot.store(records, blocks)
         if m.disk is not None:
             for key in m.disk.keys():
                 entry = m.disk.record(key)
@@ -244,15 +252,17 @@ class MemoryController:
         return len(snapshot)
 
     def load_cache(self, path: str | Path) -> int:
-        """Loads a ``save_cache`` snapshot: into the host tier if there is one, else the disk
-        tier, else the device's free blocks. Files for another model or layout are refused."""
+        """Loads a ``save_cache`` snapshot into the host tier if there is one, else the disk
+        tier, else the device's free blocks; returns how many of its blocks that tier now holds.
+
+        Blocks go deepest first, so a tier too small for the snapshot keeps the prefixes.
+        A snapshot of another model, block size or layout is refused and left untouched.
+        """
         m = self.manager
-        if not Path(path).is_dir():
-            raise ValueError(f"cache snapshot {str(path)!r} is not a directory")
-        snapshot = DiskTier(path, m.kv_cache.layout, m.hasher.fingerprint, 1 << 62, make_policy("lru"))
-        loaded = 0
+        snapshot = self._open_snapshot(path, must_exist=True)
+        keys = sorted(snapshot.keys(), key=lambda k: snapshot.record(k).depth, reverse=True)
         try:
-            for key in sorted(snapshot.keys(), key=lambda k: snapshot.record(k).depth):
+            for key in keys:
                 entry = snapshot.record(key)
                 payload = snapshot.read(key, entry.parent, entry.tokens)
                 if payload is None:
@@ -261,15 +271,25 @@ class MemoryController:
                     m.host.store([entry], payload)
                 elif m.disk is not None:
                     m.disk.store([entry], payload)
-                elif m.pool.num_free_blocks and key not in m.pool.cached:
-                    [block] = m._allocate(1)
-                    m.kv_cache.scatter([block], payload)
-                    m.pool.cache_block(block, entry.key, entry.parent, entry.tokens, entry.depth)
-                    m.pool.free([block])
-                else:
-                    continue
-                loaded += 1
+                elif key not in m.pool.cached and m.pool.num_free_blocks:
+                    self._place_on_device([entry], payload)
         finally:
             snapshot.close()
         self._settle()
-        return loaded
+        held = self.locate(keys)
+        return held["host"] if m.host is not None else held["disk"] if m.disk is not None else held["device"]
+
+    def _open_snapshot(self, path: str | Path, must_exist: bool) -> DiskTier:
+        """The snapshot at ``path``, read-only; a ValueError if it holds files of another kind."""
+        m = self.manager
+        if must_exist and not Path(path).is_dir():
+            raise ValueError(f"cache snapshot {str(path)!r} is not a directory")
+        if Path(path).exists() and not Path(path).is_dir():
+            raise ValueError(f"cache snapshot path {str(path)!r} exists and is not a directory")
+        snapshot = DiskTier(path, m.kv_cache.layout, m.hasher.fingerprint, 1 << 62, make_policy("lru"), read_only=True)
+        if snapshot.num_foreign:
+            raise ValueError(
+                f"cache snapshot {str(path)!r} holds {snapshot.num_foreign} files written for another model, "
+                "block size or KV layout; nothing was loaded or changed"
+            )
+        return snapshot

@@ -10,7 +10,6 @@ Overheads are estimates of host memory the bookkeeping itself takes.
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
 
 from rayk.cache.block_pool import BlockPool
@@ -21,9 +20,9 @@ _BLOCK_TABLE_ENTRY_BYTES = 4  # int32, as block tables reach the attention kerne
 
 def memory_profile(manager: KVCacheManager) -> dict:
     layout = manager.kv_cache.layout
-    requests = [s for s in manager._requests.values() if s.block_ids]
-    logical_blocks = sum(len(s.block_ids) for s in requests)
-    total_tokens = sum(s.num_slots_used for s in requests)
+    requests = manager.request_usage()
+    logical_blocks = sum(blocks for blocks, _ in requests)
+    total_tokens = sum(tokens for _, tokens in requests)
     unused_slots = manager.num_unused_slots
     device = _pool_profile(manager.pool, len(manager.reserved["device"]))
     device |= {
@@ -89,7 +88,7 @@ def _pool_profile(pool: BlockPool, reserved: int) -> dict:
             "run_length_histogram": dict(sorted(Counter(runs).items())),
             "index": 1 - max(runs, default=0) / len(free) if free else 0.0,
         },
-        "allocator_overhead_bytes": _allocator_overhead(pool),
+        "allocator_overhead_bytes": pool.bookkeeping_bytes(),
         "evictions": pool.num_evictions,
     }
 
@@ -103,9 +102,3 @@ def _runs(sorted_ids: list[int]) -> list[int]:
         else:
             runs.append(1)
     return runs
-
-
-def _allocator_overhead(pool: BlockPool) -> int:
-    containers = (pool.ref_counts, pool.block_hashes, pool.parent_hashes, pool.depths, pool._token_bytes, pool.cached, pool._evictable)
-    keys = sum(sys.getsizeof(k) for k in pool.cached) * 2  # each key, and its copy as a parent
-    return sum(sys.getsizeof(c) for c in containers) + keys

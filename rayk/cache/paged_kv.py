@@ -4,10 +4,10 @@ One allocation of shape ``[2, num_layers, num_blocks, block_size, num_kv_heads, 
 ``key_cache(l)`` and ``value_cache(l)`` are contiguous ``[num_blocks, block_size, num_kv_heads,
 head_dim]`` views of it, exactly what ``flash_attn_with_kvcache(..., block_table=...)`` takes.
 
-Blocks leave and enter as one gather or scatter of many blocks: ``gather``/``scatter`` move a
-``[2, num_layers, n, block_size, kv_heads, head_dim]`` tensor between pools (device and host
-tiers), and ``export_blocks``/``import_blocks`` wrap the same path as raw bytes plus a metadata
-dict of plain values, for disk and peers.
+Blocks leave and enter many per call: ``gather``/``scatter`` move a ``[2, num_layers, n,
+block_size, kv_heads, head_dim]`` tensor, and ``export_blocks``/``import_blocks`` wrap the same
+path as raw bytes plus a metadata dict of plain values, the form blocks take between processes
+(peers, through Ray's object store).
 """
 
 from __future__ import annotations
@@ -60,14 +60,13 @@ class KVLayout:
 class PagedKVCache:
     """Preallocated K and V blocks for every layer of one model on one device."""
 
-    def __init__(self, layout: KVLayout, num_blocks: int, device: torch.device | str = "cpu", pin_memory: bool = False):
+    def __init__(self, layout: KVLayout, num_blocks: int, device: torch.device | str = "cpu"):
         self.layout = layout
         self.num_blocks = num_blocks
         self.kv = torch.zeros(
             (2, layout.num_layers, num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim),
             dtype=layout.dtype,
             device=device,
-            pin_memory=pin_memory,
         )
 
     @property

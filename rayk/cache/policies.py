@@ -4,7 +4,8 @@ A tier keeps a policy informed about its *candidates*, the blocks it could evict
 unreferenced, unpinned):
 
 * ``on_insert(block)``: the block became a candidate;
-* ``on_remove(key)``: it stopped being one (taken into use, pinned, evicted, dropped);
+* ``on_remove(key, dropped)``: it stopped being one: taken into use or pinned, or ``dropped``
+  from the tier altogether (then the policy forgets what it knew of it);
 * ``on_access(block)``: it was hit (candidate or not), which feeds recency and frequency;
 * ``select_victims(candidates, n)``: up to ``n`` keys to evict, each in ``candidates`` (a
   container the tier owns, for O(1) membership checks). The tier then calls ``on_remove``.
@@ -18,6 +19,7 @@ A user's policy subclasses ``EvictionPolicy`` and is passed as an instance, or r
 
 from __future__ import annotations
 
+import copy
 import heapq
 import itertools
 from collections import OrderedDict
@@ -49,7 +51,7 @@ class EvictionPolicy:
     def on_access(self, block: BlockInfo) -> None:
         raise NotImplementedError
 
-    def on_remove(self, key: BlockHash) -> None:
+    def on_remove(self, key: BlockHash, dropped: bool = False) -> None:
         raise NotImplementedError
 
     def select_victims(self, candidates: Container[BlockHash], n: int) -> list[BlockHash]:
@@ -72,7 +74,7 @@ class LRUPolicy(EvictionPolicy):
         if block.key in self._order:
             self._order.move_to_end(block.key)
 
-    def on_remove(self, key: BlockHash) -> None:
+    def on_remove(self, key: BlockHash, dropped: bool = False) -> None:
         self._order.pop(key, None)
 
     def select_victims(self, candidates: Container[BlockHash], n: int) -> list[BlockHash]:
@@ -110,8 +112,10 @@ class _HeapPolicy(EvictionPolicy):
         if block.key in self._stamps:
             self._push(block)
 
-    def on_remove(self, key: BlockHash) -> None:
+    def on_remove(self, key: BlockHash, dropped: bool = False) -> None:
         self._stamps.pop(key, None)
+        if dropped:
+            self.frequency.pop(key, None)
 
     def select_victims(self, candidates: Container[BlockHash], n: int) -> list[BlockHash]:
         victims, skipped = [], []
@@ -194,6 +198,11 @@ class CostAwarePolicy(GreedyDualPolicy):
 _REGISTRY: dict[str, Callable[[], EvictionPolicy]] = {}
 
 
+def copy_policy(policy: str | EvictionPolicy) -> EvictionPolicy:
+    """A fresh policy for one more tier: a new one by name, or a copy of the instance."""
+    return make_policy(policy) if isinstance(policy, str) else copy.deepcopy(policy)
+
+
 def register_policy(name: str, factory: Callable[[], EvictionPolicy]) -> None:
     """Makes ``eviction_policy=name`` build a fresh policy from ``factory`` for each tier."""
     if not isinstance(name, str) or not name:
@@ -205,6 +214,8 @@ def make_policy(policy: str | EvictionPolicy) -> EvictionPolicy:
     """A policy from a registered name, or the instance itself."""
     if isinstance(policy, EvictionPolicy):
         return policy
+    if not isinstance(policy, str):
+        raise TypeError(f"eviction_policy must be a policy name or an EvictionPolicy, got {type(policy).__name__}")
     if policy not in _REGISTRY:
         raise ValueError(f"eviction_policy must be an EvictionPolicy or one of {sorted(_REGISTRY)}, got {policy!r}")
     return _REGISTRY[policy]()

@@ -7,7 +7,6 @@ After every step the pool's KV events are handed to subscribers as one batch.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
 import logging
@@ -26,7 +25,7 @@ from rayk.cache.lifecycle import LifecycleSampler
 from rayk.cache.memory_profile import memory_profile
 from rayk.cache.memory_controller import MemoryController
 from rayk.cache.paged_kv import KV_LAYOUT, KVLayout, PagedKVCache
-from rayk.cache.policies import make_policy
+from rayk.cache.policies import copy_policy, make_policy
 from rayk.cache.transfer import CopyEngine
 from rayk.config import EngineConfig
 from rayk.engine.model_runner import ModelRunner
@@ -65,20 +64,20 @@ class LLMEngine:
         num_blocks = cache_config.num_device_blocks or self._default_num_blocks(layout)
         self.kv_cache = PagedKVCache(layout, num_blocks, self.device)
         policy = cache_config.eviction_policy
-        # Each tier mirrors its own candidates, so each gets its own policy object.
-        fresh_policy = lambda: make_policy(policy) if isinstance(policy, str) else copy.deepcopy(policy)  # noqa: E731
+        # Each tier mirrors its own candidates, so each gets its own policy object: an instance
+        # serves the device, the tiers below get copies of it.
         self.pool = BlockPool(num_blocks, block_size, tier="device", policy=make_policy(policy), bytes_per_block=layout.bytes_per_block)
         self.disk = None
         if cache_config.disk_dir is not None:
             self.disk = DiskTier(
-                cache_config.disk_dir, layout, self.fingerprint, cache_config.disk_bytes, fresh_policy(), compress=cache_config.compression("disk")
+                cache_config.disk_dir, layout, self.fingerprint, cache_config.disk_bytes, copy_policy(policy), compress=cache_config.compression("disk")
             )
         self.host = None
         if cache_config.host_blocks:
             self.host = HostTier(
                 layout,
                 cache_config.host_blocks,
-                fresh_policy(),
+                copy_policy(policy),
                 lower=self.disk,
                 compress=cache_config.compression("host"),
                 copy_engine=CopyEngine(self.device),
@@ -93,7 +92,8 @@ class LLMEngine:
             host=self.host,
             disk=self.disk,
         )
-        # Pins and budgets leave room for one max_model_len sequence (half the pool if it is smaller).
+        # Pins and budgets leave room for one max_model_len sequence, or half the pool when the pool
+        # is smaller than two such sequences: a small pool must still leave something to pin.
         min_device_blocks = min(math.ceil(self.max_model_len / block_size), num_blocks // 2)
         self.memory = MemoryController(self.kv_cache_manager, min_device_blocks=min_device_blocks)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager)
@@ -114,10 +114,29 @@ class LLMEngine:
     ) -> list[int]:
         """The prompt's token ids, or a ValueError/TypeError naming what is wrong. Changes nothing."""
         where = "prompt" if index is None else f"prompts[{index}]"
-        if cache_salt is not None and not isinstance(cache_salt, (str, bytes)):
-            raise TypeError(f"cache_salt must be a str, bytes or None, got {type(cache_salt).__name__}")
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params for {where} must be a rayk.SamplingParams, got {type(params).__name__}")
+        token_ids = self._prompt_token_ids(prompt, where, cache_salt)
+        total = len(token_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"{where} has {len(token_ids)} tokens and max_tokens is {params.max_tokens}: {total} exceeds max_model_len {self.max_model_len}"
+            )
+        blocks = math.ceil(total / self.pool.block_size)
+        pinned = self.pool.pinned
+        # The prompt's own pinned blocks serve it; only other pins take room from it.
+        own_pins = sum(1 for k in self.kv_cache_manager.hasher.hash_blocks(token_ids, cache_salt) if k in pinned) if pinned else 0
+        usable = self.pool.num_blocks - len(pinned) + own_pins - len(self.kv_cache_manager.reserved["device"])
+        if blocks > usable:
+            raise ValueError(
+                f"{where} with max_tokens {params.max_tokens} needs {blocks} KV blocks; the device pool has "
+                f"num_device_blocks={self.pool.num_blocks}, of which {usable} are usable (the rest pinned or set aside)"
+            )
+        return token_ids
+
+    def _prompt_token_ids(self, prompt: str | Sequence[int], where: str, cache_salt: str | bytes | None) -> list[int]:
+        if cache_salt is not None and not isinstance(cache_salt, (str, bytes)):
+            raise TypeError(f"cache_salt must be a str, bytes or None, got {type(cache_salt).__name__}")
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise TypeError(f"{where} is a string, but the model has no tokenizer.json: pass token ids")
@@ -135,23 +154,11 @@ class LLMEngine:
         bad = next((t for t in token_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise ValueError(f"{where} holds token id {bad}, outside the vocabulary [0, {vocab})")
-        total = len(token_ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise ValueError(
-                f"{where} has {len(token_ids)} tokens and max_tokens is {params.max_tokens}: {total} exceeds max_model_len {self.max_model_len}"
-            )
-        blocks = math.ceil(total / self.pool.block_size)
-        usable = self.pool.num_blocks - len(self.pool.pinned) - len(self.kv_cache_manager.reserved["device"])
-        if blocks > usable:
-            raise ValueError(
-                f"{where} with max_tokens {params.max_tokens} needs {blocks} KV blocks; the device pool has "
-                f"num_device_blocks={self.pool.num_blocks}, of which {usable} are usable (the rest pinned or set aside)"
-            )
         return token_ids
 
     def block_hashes(self, prompt: str | Sequence[int], cache_salt: str | bytes | None = None) -> list[bytes]:
-        """The keys of a prompt's full blocks, as the cache names them."""
-        token_ids = self.validate_request(prompt, SamplingParams(max_tokens=1), cache_salt=cache_salt)
+        """The keys of a prompt's full blocks, as the cache names them (any length of prompt)."""
+        token_ids = self._prompt_token_ids(prompt, "prompt", cache_salt)
         return self.kv_cache_manager.hasher.hash_blocks(token_ids, cache_salt)
 
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams, *, cache_salt: str | None = None, request_id: str | None = None) -> str:
@@ -211,8 +218,11 @@ class LLMEngine:
         self._subscribers.remove(subscriber)
 
     def _publish_events(self) -> None:
-        buffers = [self.pool.events] + [t.pool.events if t is self.host else t.events for t in (self.host, self.disk) if t is not None]
-        events = [event for buffer in buffers for event in buffer.drain()]
+        events = self.pool.events.drain()
+        if self.host is not None:
+            events += self.host.pool.events.drain()
+        if self.disk is not None:
+            events += self.disk.drain_events()
         if events:
             for subscriber in self._subscribers:
                 try:
