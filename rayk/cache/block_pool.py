@@ -62,6 +62,8 @@ class BlockPool:
         self.block_hashes: list[BlockHash | None] = [None] * num_blocks
         self.parent_hashes: list[BlockHash | None] = [None] * num_blocks
         self.depths: list[int] = [0] * num_blocks
+        # What policies see of each cached block, built once when it is published.
+        self._infos: list[BlockInfo | None] = [None] * num_blocks
         self.block_bytes = block_size * TOKEN_BYTES
         self._token_bytes = bytearray(num_blocks * self.block_bytes)
         self.cached: dict[BlockHash, int] = {}
@@ -145,6 +147,7 @@ class BlockPool:
         self.block_hashes[block] = block_hash
         self.parent_hashes[block] = parent_hash
         self.depths[block] = depth
+        self._infos[block] = BlockInfo(block_hash, depth, self.bytes_per_block)
         offset = block * self.block_bytes
         self._token_bytes[offset : offset + self.block_bytes] = tokens
         self.events.stored(block_hash)
@@ -206,13 +209,14 @@ class BlockPool:
         del self.cached[key]
         self.block_hashes[block] = None
         self.parent_hashes[block] = None
+        self._infos[block] = None
         self.num_evictions += 1
         self.events.removed(key)
         if self.lifecycle is not None:
             self.lifecycle.evicted(key)
 
     def _info(self, block: int) -> BlockInfo:
-        return BlockInfo(self.block_hashes[block], self.depths[block], self.bytes_per_block)
+        return self._infos[block]
 
     # -- introspection ------------------------------------------------------------------------
 

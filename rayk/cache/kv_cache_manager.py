@@ -219,6 +219,8 @@ class KVCacheManager:
         anything overwrites them."""
         if count <= 0:
             return []
+        if self.host is None and self.disk is None:
+            return self.pool.allocate(count)
         evicted: list[BlockRecord] = []
         blocks = self.pool.allocate(count, evicted)
         if evicted:
