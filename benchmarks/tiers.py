@@ -138,7 +138,6 @@ def bench_transfers(layout: KVLayout, device: torch.device, generator: torch.Gen
         ours, base = _timed_pair(lambda: host.onload(slots, device_kv, targets), lambda: device_buffer.copy_(host_buffer), args.repeats, device)
         assert torch.equal(device_kv.gather(targets).cpu().view(torch.uint8), moved), "host -> device moved the wrong bytes"
         rows.append(_row("host -> device", n, num_bytes, ours, base))
-        del device_buffer, host_buffer
     return rows
 
 

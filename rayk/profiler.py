@@ -96,33 +96,12 @@ class Profiler:
         us = 1e6
         events = [{"name": "process_name", "ph": "M", "pid": 1, "args": {"name": "rayk engine"}}]
         for step in self.recording.steps:
-            events.append(
-                {
-                    "name": "step",
-                    "cat": "engine",
-                    "ph": "X",
-                    "pid": 1,
-                    "tid": 1,
-                    "ts": step["start"] * us,
-                    "dur": (step["end"] - step["start"]) * us,
-                    "args": {"requests": step["requests"], "tokens": step["tokens"]},
-                }
-            )
+            events.append(_span("step", "engine", 1, step["start"], step["end"], {"requests": step["requests"], "tokens": step["tokens"]}))
             events.append({"name": "occupancy (cached blocks)", "ph": "C", "pid": 1, "ts": step["end"] * us, "args": step["occupancy"]})
             events.append({"name": "hit rate", "ph": "C", "pid": 1, "ts": step["end"] * us, "args": {"hit_rate": step["hit_rate"]}})
         for t in self.recording.transfers:
-            events.append(
-                {
-                    "name": f"{t['kind']} {t['source']}->{t['target']}",
-                    "cat": "transfer",
-                    "ph": "X",
-                    "pid": 1,
-                    "tid": 2,
-                    "ts": t["start"] * us,
-                    "dur": (t["end"] - t["start"]) * us,
-                    "args": {"blocks": t["blocks"], "bytes": t["bytes"]},
-                }
-            )
+            name = f"{t['kind']} {t['source']}->{t['target']}"
+            events.append(_span(name, "transfer", 2, t["start"], t["end"], {"blocks": t["blocks"], "bytes": t["bytes"]}))
         for e in self.recording.evictions:
             events.append({"name": "evict", "cat": "cache", "ph": "i", "s": "p", "pid": 1, "tid": 3, "ts": e["time"] * us, "args": {"tier": e["tier"], "blocks": e["blocks"]}})
         return {"traceEvents": events, "displayTimeUnit": "ms"}
@@ -154,6 +133,11 @@ class Profiler:
             "</body></html>",
         ]
         Path(path).write_text("\n".join(parts))
+
+
+def _span(name: str, category: str, track: int, start: float, end: float, args: dict) -> dict:
+    """A complete ("X") trace event; times in seconds, written in microseconds."""
+    return {"name": name, "cat": category, "ph": "X", "pid": 1, "tid": track, "ts": start * 1e6, "dur": (end - start) * 1e6, "args": args}
 
 
 def _line_chart(xs: list[float], series: dict[str, list[float]], x_label: str, y_label: str, width=720, height=220) -> str:

@@ -107,13 +107,17 @@ def test_a_missing_model_directory_is_named(tmp_path):
         rayk.LLM(str(tmp_path / "nowhere"))
 
 
-def test_an_unsupported_architecture_is_named(tiny_llama_dir, tmp_path):
-    shutil.copytree(tiny_llama_dir, tmp_path / "m")
+def _copy_with_config(model_dir, tmp_path, **changes) -> str:
+    """A copy of the checkpoint whose config.json has the given fields changed."""
+    shutil.copytree(model_dir, tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
-    config["architectures"] = ["MambaForCausalLM"]
-    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config | changes))
+    return str(tmp_path / "m")
+
+
+def test_an_unsupported_architecture_is_named(tiny_llama_dir, tmp_path):
     with pytest.raises(ValueError, match="unsupported architecture 'MambaForCausalLM'"):
-        rayk.LLM(str(tmp_path / "m"))
+        rayk.LLM(_copy_with_config(tiny_llama_dir, tmp_path, architectures=["MambaForCausalLM"]))
 
 
 @pytest.mark.parametrize(
@@ -126,12 +130,8 @@ def test_an_unsupported_architecture_is_named(tiny_llama_dir, tmp_path):
     ],
 )
 def test_weights_that_do_not_match_config_are_named(tiny_llama_dir, tmp_path, field, value, match):
-    shutil.copytree(tiny_llama_dir, tmp_path / "m")
-    config = json.loads((tmp_path / "m" / "config.json").read_text())
-    config[field] = value
-    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=match):
-        rayk.LLM(str(tmp_path / "m"))
+        rayk.LLM(_copy_with_config(tiny_llama_dir, tmp_path, **{field: value}))
 
 
 def test_a_directory_without_weights_is_named(tiny_llama_dir, tmp_path):
@@ -202,12 +202,8 @@ def test_a_failing_event_subscriber_loses_no_output(tiny_llama_dir, good_referen
     ("hidden_act", "gelu", ValueError, "unsupported hidden_act 'gelu'"),
 ])
 def test_unsupported_config_values_are_named(tiny_llama_dir, tmp_path, field, value, error, match):
-    shutil.copytree(tiny_llama_dir, tmp_path / "m")
-    config = json.loads((tmp_path / "m" / "config.json").read_text())
-    config[field] = value
-    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     with pytest.raises(error, match=match):
-        rayk.LLM(str(tmp_path / "m"))
+        rayk.LLM(_copy_with_config(tiny_llama_dir, tmp_path, **{field: value}))
 
 
 @pytest.mark.parametrize("kwargs, match", [

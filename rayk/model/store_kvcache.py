@@ -8,8 +8,6 @@ kv_heads, head_dim]). On CUDA a Triton kernel does it, one program per token; el
 
 from __future__ import annotations
 
-import torch
-
 try:
     import triton
     import triton.language as tl
