@@ -4,7 +4,8 @@
 """
 
 from rayk.llm import LLM
+from rayk.model.loader import DEFAULT_MODEL, default_model_path
 from rayk.outputs import RequestOutput
 from rayk.sampling_params import SamplingParams
 
-__all__ = ["LLM", "RequestOutput", "SamplingParams"]
+__all__ = ["DEFAULT_MODEL", "LLM", "RequestOutput", "SamplingParams", "default_model_path"]

@@ -77,7 +77,7 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     hash_algorithm: str = "xxh3_128"
     gpu_memory_utilization: float = 0.9
-    cpu_kv_cache_bytes: int = 4 << 30
+    cpu_kv_cache_bytes: int = 1 << 30
     host_blocks: int = 0
     disk_dir: str | None = None
     disk_bytes: int = 8 << 30

