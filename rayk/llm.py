@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from rayk.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from rayk.engine.llm_engine import LLMEngine
+from rayk.model.tokenizer import TextTokenizer
 from rayk.outputs import RequestOutput
 from rayk.profiler import Profiler
 from rayk.sampling_params import SamplingParams
@@ -83,6 +84,30 @@ class LLM:
                 if request_id not in outputs:
                     engine.abort_request(request_id)
         return [outputs[r] for r in request_ids]
+
+    def chat(
+        self,
+        messages,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+        cache_salt: str | None = None,
+    ) -> list[RequestOutput]:
+        """Generates replies: ``messages`` is one conversation (a list of {"role", "content"}
+        dicts) or a list of them, rendered with the model's chat template."""
+        tokenizer = self.get_tokenizer()
+        one = isinstance(messages, Sequence) and bool(messages) and isinstance(messages[0], dict)
+        conversations = [messages] if one else messages
+        if isinstance(conversations, (str, bytes)) or not isinstance(conversations, Sequence) or not conversations:
+            raise TypeError("messages must be a conversation (a list of {'role', 'content'} dicts) or a non-empty list of them")
+        prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt, tokenize=True) for c in conversations]
+        return self.generate(prompts, sampling_params, cache_salt=cache_salt)
+
+    def get_tokenizer(self) -> TextTokenizer:
+        """The tokenizer in use (``encode`` gives token ids; ``apply_chat_template`` renders)."""
+        if self.engine.tokenizer is None:
+            raise ValueError("this model has no tokenizer (no tokenizer.json, no GGUF tokenizer metadata)")
+        return self.engine.tokenizer
 
     def stats(self) -> dict:
         return self.engine.stats()

@@ -14,8 +14,10 @@ class SamplingParams:
     ``seed`` gives the request its own random stream, so its draws do not depend on what it is
     batched with (in float32 the logits do not either; in half precision they may differ in the
     last bits between batch shapes).
-    Generation stops at ``max_tokens`` new tokens, at any of ``stop_token_ids``, or at the
-    model's end-of-sequence token unless ``ignore_eos``.
+    Generation stops at ``max_tokens`` new tokens, at any of ``stop_token_ids``, at the
+    model's end-of-sequence token unless ``ignore_eos``, or when the output text contains one of
+    the ``stop`` strings (the text then ends before it; the token ids keep the token that
+    completed it).
     """
 
     temperature: float = 1.0
@@ -24,6 +26,7 @@ class SamplingParams:
     max_tokens: int = 64
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
     ignore_eos: bool = False
 
     def __post_init__(self):
@@ -52,6 +55,10 @@ class SamplingParams:
         if not isinstance(stop, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in stop):
             raise TypeError(f"stop_token_ids must be a sequence of ints, got {stop!r}")
         object.__setattr__(self, "stop_token_ids", tuple(stop))
+        strings = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(strings, (list, tuple)) or not all(isinstance(t, str) and t for t in strings):
+            raise TypeError(f"stop must be a non-empty string or a sequence of them, got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(strings))
         if not isinstance(self.ignore_eos, bool):
             raise TypeError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
 

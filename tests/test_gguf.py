@@ -71,7 +71,7 @@ def test_gguf_tokenizer_encodes_and_decodes_like_transformers(llm, hf):
     _, reference = hf
     ours = llm.engine.tokenizer
     for text in STRINGS:
-        ids = ours.encode(text).ids
+        ids = ours.encode(text)
         assert ids == reference(text, add_special_tokens=True)["input_ids"], text
         assert ours.decode(ids, skip_special_tokens=False) == reference.decode(ids, skip_special_tokens=False), text
 
@@ -99,3 +99,56 @@ def test_bad_gguf_files_are_named_and_nothing_half_loads(tmp_path, gguf_path):
     (tmp_path / "truncated.gguf").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated.gguf is not a readable GGUF file"):
         rayk.LLM(str(tmp_path / "truncated.gguf"))
+
+
+CONVERSATIONS = [
+    CHATS[0],
+    CHATS[1],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "Say bye."}],
+]
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_chat_template_renders_like_transformers(llm, hf, add_generation_prompt):
+    _, reference = hf
+    ours = llm.get_tokenizer()
+    for conversation in CONVERSATIONS:
+        expected = reference.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt, tokenize=False)
+        assert ours.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt) == expected
+
+
+def test_chat_answers_like_generate_on_the_rendered_conversation(llm, hf):
+    _, reference = hf
+    params = rayk.SamplingParams(temperature=0, max_tokens=MAX_NEW)
+    replies = llm.chat(CONVERSATIONS[:2], params)
+    encoded = [reference.apply_chat_template(c, add_generation_prompt=True, tokenize=True) for c in CONVERSATIONS[:2]]
+    prompts = [list(e if isinstance(e, list) else e["input_ids"]) for e in encoded]
+    assert [r.prompt_token_ids for r in replies] == prompts
+    assert [r.token_ids for r in replies] == [o.token_ids for o in llm.generate(prompts, params)]
+    assert all(r.text.strip() and "<|im_end|>" not in r.text for r in replies)
+    assert llm.chat(CONVERSATIONS[0], params)[0].token_ids == replies[0].token_ids
+    with pytest.raises(TypeError, match="message 0 must be a dict with string 'role' and 'content'"):
+        llm.chat([{"role": "user"}], params)
+
+
+def test_stop_strings_cut_the_text_before_them(llm):
+    params = rayk.SamplingParams(temperature=0, max_tokens=40)
+    full = llm.chat(CHATS[1], params)[0]
+    stop = full.text.strip().split()[1]
+    cut = llm.chat(CHATS[1], rayk.SamplingParams(temperature=0, max_tokens=40, stop=[stop, "never appears"]))[0]
+    assert cut.finish_reason == "stop" and stop not in cut.text
+    assert full.text.startswith(cut.text) and len(cut.token_ids) < len(full.token_ids)
+    with pytest.raises(TypeError, match="stop must be a non-empty string"):
+        rayk.SamplingParams(stop=[""])
+
+
+def test_incremental_text_keeps_multibyte_characters_whole(llm):
+    from rayk.model.tokenizer import IncrementalDetokenizer
+
+    tokenizer = llm.get_tokenizer()
+    for text in STRINGS[2:5]:
+        ids = tokenizer.encode(text)
+        detokenizer = IncrementalDetokenizer(tokenizer, [1, 2, 3])
+        pieces = [detokenizer.add(i) for i in ids]
+        assert "".join(pieces) == tokenizer.decode(ids) == detokenizer.text
+        assert not any("\ufffd" in p for p in pieces)

