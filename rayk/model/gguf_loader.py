@@ -96,10 +96,10 @@ def gguf_architecture(reader, path: Path) -> DecoderArchitecture:
 
 def gguf_tensors(reader, arch: DecoderArchitecture, expected: dict[str, tuple[int, ...]], dtype: torch.dtype, path: Path) -> dict[str, torch.Tensor]:
     """Every tensor under its Hugging Face name, checked, then dequantized into ``dtype``."""
-    from gguf.quants import dequantize
-
     named = {}
     for tensor in reader.tensors:
+        if tensor.name == "rope_freqs.weight":
+            raise ValueError(f"{path.name}: per-frequency RoPE factors (rope_freqs.weight, llama3 scaling) are not supported in GGUF yet")
         name = _hf_name(tensor.name)
         if name is None or (arch.tie_word_embeddings and name == "lm_head.weight"):
             raise ValueError(f"{path.name}: unexpected tensor {tensor.name!r}")
@@ -118,14 +118,21 @@ def gguf_tensors(reader, arch: DecoderArchitecture, expected: dict[str, tuple[in
     tensors = {}
     for name, tensor in named.items():
         try:
-            values = dequantize(tensor.data, tensor.tensor_type)
+            values = dequantize_tensor(tensor)
         except Exception as error:
             raise ValueError(f"{path.name}: cannot dequantize {tensor.name} ({type(error).__name__}: {error}); is the file truncated?") from None
-        values = np.array(values, dtype=np.float32).reshape(expected[name])  # a writable copy, not the file map
         if arch.architecture == "LlamaForCausalLM" and name.endswith(("q_proj.weight", "k_proj.weight")):
             values = _unpermute(values, arch.num_heads if "q_proj" in name else arch.num_kv_heads)
         tensors[name] = torch.from_numpy(values).to(dtype)
     return tensors
+
+
+def dequantize_tensor(tensor) -> np.ndarray:
+    """A GGUF tensor as a writable float32 array in row-major (Hugging Face) shape."""
+    from gguf.quants import dequantize
+
+    shape = tuple(int(d) for d in reversed(tensor.shape))
+    return np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
 
 
 def gguf_identity(reader, path: Path) -> str:
