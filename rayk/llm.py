@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from rayk.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from rayk.engine.llm_engine import LLMEngine
+from rayk.model.loader import DEFAULT_MODEL
 from rayk.model.tokenizer import TextTokenizer
 from rayk.outputs import RequestOutput
 from rayk.profiler import Profiler
@@ -31,7 +32,7 @@ class LLM:
 
     def __init__(
         self,
-        model: str = "smollm2-135m",
+        model: str = DEFAULT_MODEL,
         *,
         block_size: int = 16,
         device: str = "auto",

@@ -18,6 +18,7 @@ import xxhash
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from rayk.model.architecture import DecoderArchitecture
+from rayk.model.file_identity import add_file_samples
 
 SUPPORTED_QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -137,14 +138,9 @@ def dequantize_tensor(tensor) -> np.ndarray:
 
 def gguf_identity(reader, path: Path) -> str:
     """File identity plus quant types, so a Q4_1 and an F16 copy of one model differ."""
-    digest = xxhash.xxh3_128()
-    size = path.stat().st_size
-    digest.update(f"gguf:{size}:".encode())
+    digest = xxhash.xxh3_128(b"gguf:")
     digest.update(",".join(f"{t.name}={t.tensor_type.name}" for t in reader.tensors).encode())
-    with path.open("rb") as f:
-        for i in range(8):
-            f.seek(size * i // 8)
-            digest.update(f.read(64 << 10))
+    add_file_samples(digest, path)
     return digest.hexdigest()
 
 

