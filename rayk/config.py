@@ -38,7 +38,8 @@ class ModelConfig:
     ``model`` is a local Hugging Face directory (config.json + safetensors). ``device`` is
     "auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N". ``dtype`` "auto" takes the
     checkpoint's dtype on CUDA and float32 on the CPU. ``max_model_len`` (tokens, prompt plus
-    output) defaults to the model's ``max_position_embeddings``.
+    output) defaults to the model's ``max_position_embeddings``. ``conversion_cache_dir`` keeps a
+    converted copy of a GGUF model for quick later starts (None: never written).
     """
 
     model: str
@@ -46,6 +47,7 @@ class ModelConfig:
     device: str = "auto"
     max_model_len: int | None = None
     attention_backend: str = "auto"
+    conversion_cache_dir: str | None = "~/.cache/rayk"
 
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model:
@@ -55,6 +57,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         _check_positive_int("ModelConfig", "max_model_len", self.max_model_len, allow_none=True)
         _check_choice("ModelConfig", "attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        if self.conversion_cache_dir is not None and (not isinstance(self.conversion_cache_dir, str) or not self.conversion_cache_dir):
+            raise TypeError(f"ModelConfig.conversion_cache_dir must be a directory path string or None, got {self.conversion_cache_dir!r}")
 
 
 @dataclass(frozen=True)

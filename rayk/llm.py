@@ -15,7 +15,7 @@ from rayk.sampling_params import SamplingParams
 
 _CACHE_OPTIONS = tuple(f.name for f in dataclasses.fields(CacheConfig) if f.name not in ("block_size", "num_device_blocks"))
 _SCHEDULER_OPTIONS = ("max_num_batched_tokens",)
-_MODEL_OPTIONS = ("attention_backend",)
+_MODEL_OPTIONS = ("attention_backend", "conversion_cache_dir")
 
 
 class LLM:
@@ -27,7 +27,8 @@ class LLM:
     Extra keyword options (see ``rayk.config``): ``enable_prefix_caching``, ``hash_algorithm``,
     ``gpu_memory_utilization``, ``cpu_kv_cache_bytes``, ``host_blocks``, ``disk_dir``,
     ``disk_bytes``, ``eviction_policy``, ``lifecycle_sample_rate``, ``compress``,
-    ``max_num_batched_tokens`` and ``attention_backend`` ("auto", "torch" or "flash_attn").
+    ``max_num_batched_tokens``, ``attention_backend`` ("auto", "torch" or "flash_attn") and
+    ``conversion_cache_dir`` (where a converted GGUF model is kept; None: off).
     """
 
     def __init__(

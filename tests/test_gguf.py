@@ -44,8 +44,8 @@ def hf(gguf_path):
 
 
 @pytest.fixture(scope="module")
-def llm():
-    return rayk.LLM()  # the default model
+def llm(tmp_path_factory):
+    return rayk.LLM(conversion_cache_dir=str(tmp_path_factory.mktemp("rayk_cache")))  # the default model
 
 
 def test_greedy_tokens_on_the_real_model_equal_transformers_cold_and_cached(llm, hf):

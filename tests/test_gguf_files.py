@@ -151,3 +151,22 @@ def test_an_unsupported_quant_type_is_named(tmp_path, tiny_checkpoint):
     write_gguf(tmp_path / "q5_0.gguf", arch_name, config, state, **{"output_norm.weight": (raw, Quant.Q5_0)})
     with pytest.raises(ValueError, match="output_norm.weight is Q5_0, not one of the supported types"):
         rayk.LLM(str(tmp_path / "q5_0.gguf"))
+
+
+def test_a_converted_copy_serves_later_loads_with_the_same_weights(tiny_checkpoint, tmp_path):
+    from rayk.model.loader import load_model
+
+    _, _, gguf_file, _, _ = tiny_checkpoint
+    cpu, cache = torch.device("cpu"), tmp_path / "cache"
+    assert not load_model(gguf_file, torch.bfloat16, cpu, cache).from_cache
+    assert not cache.exists() or not any(cache.iterdir())  # a 16-bit load leaves no copy
+    first = load_model(gguf_file, torch.float32, cpu, cache)
+    second = load_model(gguf_file, torch.float32, cpu, cache)
+    assert not first.from_cache and second.from_cache
+    assert second.weights_identity == first.weights_identity
+    for (name, a), (_, b) in zip(first.model.state_dict().items(), second.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    [entry] = cache.iterdir()
+    (entry / "meta.json").write_text("{not json")
+    rebuilt = load_model(gguf_file, torch.float32, cpu, cache)
+    assert not rebuilt.from_cache and load_model(gguf_file, torch.float32, cpu, cache).from_cache

@@ -46,7 +46,7 @@ class LLMEngine:
         self.config = config
         model_config, cache_config = config.model, config.cache
         self.device = _resolve_device(model_config.device)
-        loaded = load_model(model_config.model, _resolve_dtype(model_config.dtype, self.device), self.device)
+        loaded = load_model(model_config.model, _resolve_dtype(model_config.dtype, self.device), self.device, model_config.conversion_cache_dir)
         self.model, self.arch, self.tokenizer = loaded.model, loaded.arch, loaded.tokenizer
         self.dtype = self.model.model.embed_tokens.weight.dtype
         self.attention_backend = _resolve_backend(model_config.attention_backend, self.device, self.dtype, cache_config.block_size)

@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 from rayk.model.architecture import DecoderArchitecture
 from rayk.model.decoder import CausalLM
 from rayk.model.file_identity import add_file_samples
+from rayk.model.gguf_cache import cache_entry, load_cached, store_cached
 from rayk.model.gguf_loader import chat_template, find_gguf, gguf_architecture, gguf_identity, gguf_tensors, gguf_tokenizer, open_gguf
 from rayk.model.tokenizer import TextTokenizer
 
@@ -40,6 +41,7 @@ class LoadedModel:
     arch: DecoderArchitecture
     tokenizer: TextTokenizer | None
     weights_identity: str
+    from_cache: bool = False
 
 
 def default_model_path() -> Path:
@@ -58,21 +60,24 @@ def resolve_model(model: str) -> Path:
     return default_model_path() if model == DEFAULT_MODEL else Path(model)
 
 
-def load_model(path: str | Path, dtype: torch.dtype | None, device: torch.device) -> LoadedModel:
-    """Loads weights in ``dtype`` (None: the checkpoint's own; float32 for GGUF) onto ``device``."""
+def load_model(path: str | Path, dtype: torch.dtype | None, device: torch.device, cache_dir: str | Path | None = None) -> LoadedModel:
+    """Loads weights in ``dtype`` (None: the checkpoint's own; float32 for GGUF) onto ``device``.
+
+    ``cache_dir``: where a converted copy of a GGUF model is kept for quick later loads (None: off).
+    """
     path = resolve_model(str(path))
     if not path.exists():
         raise ValueError(f"model directory {str(path)!r} does not exist")
     gguf_file = find_gguf(path)
     if gguf_file is not None:
-        return _load_gguf(gguf_file, dtype or torch.float32, device)
+        return _load_gguf(gguf_file, dtype or torch.float32, device, Path(cache_dir).expanduser() if cache_dir else None)
     if not path.is_dir():
         raise ValueError(f"model {str(path)!r} is neither a Hugging Face model directory nor a .gguf file")
     arch = DecoderArchitecture.from_directory(path)
     dtype = dtype or arch.torch_dtype
     files = _safetensors_files(path)
     tensors = _read_checked_tensors(files, expected_tensor_shapes(arch), arch, dtype)
-    return LoadedModel(_build(arch, tensors, device), arch, _directory_tokenizer(path, arch), weights_identity(files))
+    return LoadedModel(_build(arch, _fuse(tensors, arch), device), arch, _directory_tokenizer(path, arch), weights_identity(files))
 
 
 def _directory_tokenizer(path: Path, arch: DecoderArchitecture) -> TextTokenizer | None:
@@ -87,23 +92,31 @@ def _directory_tokenizer(path: Path, arch: DecoderArchitecture) -> TextTokenizer
     return TextTokenizer(Tokenizer.from_file(str(tokenizer_file)), None, eos, template)
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, cache_dir: Path | None) -> LoadedModel:
+    entry = cache_entry(cache_dir, path) if cache_dir is not None else None
+    cached = load_cached(entry, dtype) if entry is not None and entry.is_dir() else None
+    if cached is not None:
+        arch, fused, tokenizer, identity = cached
+        return LoadedModel(_build(arch, fused, device), arch, tokenizer, identity, from_cache=True)
     reader = open_gguf(path)
     arch = gguf_architecture(reader, path)
-    tensors = gguf_tensors(reader, arch, expected_tensor_shapes(arch), dtype, path)
+    fused = _fuse(gguf_tensors(reader, arch, expected_tensor_shapes(arch), dtype, path), arch)
     backend = gguf_tokenizer(reader, path)
     tokenizer = None
     if backend is not None:
         bos = reader.fields.get("tokenizer.ggml.bos_token_id")
         eos = arch.eos_token_ids[0] if arch.eos_token_ids else None
         tokenizer = TextTokenizer(backend, None if bos is None else int(bos.contents()), eos, chat_template(reader))
-    return LoadedModel(_build(arch, tensors, device), arch, tokenizer, gguf_identity(reader, path))
+    identity = gguf_identity(reader, path)
+    if entry is not None and dtype == torch.float32:
+        store_cached(entry, arch, fused, tokenizer, identity)
+    return LoadedModel(_build(arch, fused, device), arch, tokenizer, identity)
 
 
-def _build(arch: DecoderArchitecture, tensors: dict[str, torch.Tensor], device: torch.device) -> CausalLM:
+def _build(arch: DecoderArchitecture, fused: dict[str, torch.Tensor], device: torch.device) -> CausalLM:
     with torch.device("meta"):
         model = CausalLM(arch)
-    model.load_state_dict(_fuse(tensors, arch), strict=True, assign=True)
+    model.load_state_dict(fused, strict=True, assign=True)
     return model.to(device).eval()
 
 
