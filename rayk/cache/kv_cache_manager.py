@@ -164,7 +164,7 @@ class KVCacheManager:
         if self.num_blocks_needed(request_id, num_tokens) > self.pool.num_free_blocks:
             return False
         state = self._requests[request_id]
-        state.block_ids.extend(self._allocate(ceil_div(num_tokens, self.block_size) - len(state.block_ids)))
+        state.block_ids.extend(self.allocate_blocks(ceil_div(num_tokens, self.block_size) - len(state.block_ids)))
         state.num_slots_used = max(state.num_slots_used, num_tokens)
         return True
 
@@ -176,32 +176,32 @@ class KVCacheManager:
         state = self._requests[request_id]
         device_hits = hit.device_blocks()
         host_slots = [ref for tier, ref in hit.sources if tier == "host"]
+        disk_payloads = [ref for tier, ref in hit.sources if tier == "disk"]
         self.pool.touch(device_hits)
         if host_slots:
             self.host.hold(host_slots)
-        new_blocks = self._allocate(ceil_div(num_tokens, self.block_size) - len(device_hits))
-        onload: dict[str, tuple[list[int], list]] = {"host": ([], []), "disk": ([], [])}
+        new_blocks = self.allocate_blocks(ceil_div(num_tokens, self.block_size) - len(device_hits))
+        # Each host or disk hit takes the next new block, in chain order; targets per tier follow
+        # the same order as host_slots and disk_payloads.
+        targets: dict[str, list[int]] = {"host": [], "disk": []}
         fresh = iter(new_blocks)
         table = []
         for tier, ref in hit.sources:
-            if tier == "device":
-                table.append(ref)
-            else:
-                block = next(fresh)
-                table.append(block)
-                onload[tier][0].append(block)
-                onload[tier][1].append(ref)
+            block = ref if tier == "device" else next(fresh)
+            if tier != "device":
+                targets[tier].append(block)
+            table.append(block)
         table.extend(fresh)
         state.block_ids.extend(table)
         if host_slots:
             start = time.perf_counter()
-            self.host.onload(onload["host"][1], self.kv_cache, onload["host"][0])
+            self.host.onload(host_slots, self.kv_cache, targets["host"])
             self.host.release(host_slots)
             self.record_transfer("onload", "host", "device", len(host_slots), start)
-        if onload["disk"][0]:
+        if disk_payloads:
             start = time.perf_counter()
-            self.kv_cache.scatter(onload["disk"][0], torch.cat(onload["disk"][1], dim=2))
-            self.record_transfer("onload", "disk", "device", len(onload["disk"][0]), start)
+            self.kv_cache.scatter(targets["disk"], torch.cat(disk_payloads, dim=2))
+            self.record_transfer("onload", "disk", "device", len(disk_payloads), start)
         self._publish(state, len(hit.sources))
         state.num_slots_used = max(state.num_slots_used, num_tokens)
         by_tier = dict.fromkeys(TIERS, 0)
@@ -214,9 +214,10 @@ class KVCacheManager:
                 self.hit_tokens_by_tier[tier] += tokens
         return by_tier
 
-    def _allocate(self, count: int) -> list[int]:
-        """Allocates device blocks, demoting the cached blocks evicted to make room before
-        anything overwrites them."""
+    def allocate_blocks(self, count: int) -> list[int]:
+        """Takes ``count`` free device blocks for the caller, demoting the cached blocks evicted
+        to make room before anything overwrites them (the one allocation path of every tier
+        operation: admission, growth, prefetch, budgets)."""
         if count <= 0:
             return []
         if self.host is None and self.disk is None:

@@ -55,7 +55,6 @@ class MemoryController:
         if m.host is not None:
             evicted["host"] = m.host.evict(keys)
         if m.disk is not None:
-            m.disk.flush()
             evicted["disk"] = m.disk.evict(keys)
         return evicted
 
@@ -85,9 +84,10 @@ class MemoryController:
             if from_host:
                 m.disk.store(from_host, m.host.gather([r.block for r in from_host]))
                 m.record_transfer("offload", "host", "disk", len(from_host), start)
+        if tier == "disk":
+            return self.locate(keys)["disk"]  # locate waits for the writes
         self._settle()
-        held = self.locate(keys)
-        return held["disk"] if tier == "disk" else sum(1 for k in keys if k in m.host.pool.cached or (m.disk is not None and m.disk.contains(k)))
+        return sum(1 for k in keys if k in m.host.pool.cached or (m.disk is not None and m.disk.contains(k)))
 
     def prefetch(self, keys: Sequence[BlockHash], tier: str = "device") -> int:
         """Copies the keys' blocks up into ``tier`` ("device" or "host") from the tiers below, as
@@ -114,7 +114,7 @@ class MemoryController:
     def _place_on_device(self, records: list[BlockRecord], blocks: torch.Tensor) -> None:
         """Copies blocks into free device blocks and publishes them as cached (unreferenced)."""
         m = self.manager
-        device_blocks = m._allocate(len(records))
+        device_blocks = m.allocate_blocks(len(records))
         m.kv_cache.scatter(device_blocks, blocks)
         for block, record in zip(device_blocks, records):
             m.pool.cache_block(block, record.key, record.parent, record.tokens, record.depth)
@@ -206,7 +206,7 @@ class MemoryController:
             short = pool.num_blocks - wanted - len(reserved)
             if short > pool.num_free_blocks:
                 raise ValueError(f"the {tier} tier has only {pool.num_free_blocks} free blocks now; cannot set {short} aside")
-            reserved.extend(m._allocate(short) if tier == "device" else m.host.reserve(short))
+            reserved.extend(m.allocate_blocks(short) if tier == "device" else m.host.reserve(short))
         while len(reserved) > pool.num_blocks - wanted:
             pool.free([reserved.pop()])
         return wanted
