@@ -63,13 +63,16 @@ def open_gguf(path: Path):
 
 def gguf_architecture(reader, path: Path) -> DecoderArchitecture:
     """The architecture from GGUF metadata, as a config.json would give it."""
-    fields = {name: _value(field) for name, field in reader.fields.items() if not name.startswith("tokenizer.ggml.tokens")}
-    arch_name = fields.get("general.architecture")
+    def field(name: str, default=None):
+        found = reader.fields.get(name)
+        return default if found is None else _value(found)
+
+    arch_name = field("general.architecture")
     if arch_name not in _ARCHITECTURES:
         raise ValueError(f"{path.name}: unsupported GGUF architecture {arch_name!r}; rayk serves {sorted(_ARCHITECTURES)}")
 
     def meta(key: str, default=None):
-        value = fields.get(f"{arch_name}.{key}", default)
+        value = field(f"{arch_name}.{key}", default)
         if value is None:
             raise ValueError(f"{path.name}: GGUF metadata lacks {arch_name}.{key}")
         return value
@@ -79,18 +82,18 @@ def gguf_architecture(reader, path: Path) -> DecoderArchitecture:
     token_count = len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in reader.fields else None
     config = {
         "architectures": [_ARCHITECTURES[arch_name]],
-        "vocab_size": int(fields.get(f"{arch_name}.vocab_size") or token_count or 0),
+        "vocab_size": int(field(f"{arch_name}.vocab_size") or token_count or 0),
         "hidden_size": hidden,
         "intermediate_size": int(meta("feed_forward_length")),
         "num_hidden_layers": int(meta("block_count")),
         "num_attention_heads": heads,
         "num_key_value_heads": int(meta("attention.head_count_kv", heads)),
-        "head_dim": int(fields.get(f"{arch_name}.attention.key_length") or hidden // heads),
+        "head_dim": int(field(f"{arch_name}.attention.key_length") or hidden // heads),
         "rms_norm_eps": float(meta("attention.layer_norm_rms_epsilon")),
         "rope_theta": float(meta("rope.freq_base", 10000.0)),
         "max_position_embeddings": int(meta("context_length")),
         "tie_word_embeddings": "output.weight" not in tensor_names,
-        "eos_token_id": fields.get("tokenizer.ggml.eos_token_id"),
+        "eos_token_id": field("tokenizer.ggml.eos_token_id"),
     }
     return DecoderArchitecture.from_hf_config(config)
 
