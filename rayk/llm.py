@@ -52,7 +52,13 @@ class LLM:
             cache=CacheConfig(block_size=block_size, num_device_blocks=num_device_blocks, **pick(_CACHE_OPTIONS)),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, **pick(_SCHEDULER_OPTIONS)),
         )
-        self.engine = LLMEngine(config)
+        self._engine = LLMEngine(config)
+
+    @property
+    def engine(self) -> LLMEngine:
+        """The engine behind this LLM; a RuntimeError once ``close()`` was called."""
+        self._engine.check_open()
+        return self._engine
 
     def generate(
         self,
@@ -78,9 +84,9 @@ class LLM:
             mine = set(request_ids)
             # Requests added directly to the engine may finish here too; they are not ours to return.
             while len(outputs) < len(request_ids):
-                for output in engine.step():
-                    if output.request_id in mine:
-                        outputs[output.request_id] = output
+                for delta in engine.step():
+                    if delta.finished and delta.request_id in mine:
+                        outputs[delta.request_id] = delta.output
         finally:
             for request_id in request_ids:
                 if request_id not in outputs:
@@ -132,6 +138,11 @@ class LLM:
         """Drops the target's blocks from every tier; returns how many each tier dropped."""
         return self.engine.memory.evict(self._keys(target, cache_salt))
 
+    def reset_prefix_cache(self, tiers: Sequence[str] = ("device", "host", "disk")) -> dict[str, int]:
+        """Drops every cached block of ``tiers``, except device blocks in use or pinned;
+        returns how many each tier dropped."""
+        return self.engine.memory.clear(tiers)
+
     def pin(self, target, *, cache_salt: str | None = None) -> int:
         """Keeps the target's blocks on the device, never evicted, until ``unpin``."""
         return self.engine.memory.pin(self._keys(target, cache_salt))
@@ -177,8 +188,9 @@ class LLM:
         return self.engine.block_hashes(target, cache_salt)
 
     def close(self) -> None:
-        """Persists the cache to the disk tier (when one is configured) and stops its writer."""
-        self.engine.close()
+        """Persists the cache to the disk tier (when one is configured) and stops its writer;
+        every later call raises. Closing twice is a no-op."""
+        self._engine.close()
 
 
 def _as_batch(prompts) -> list:

@@ -28,3 +28,24 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass
+class CompletionDelta:
+    """What one request produced in one engine step, for streaming.
+
+    ``new_token_ids`` are the tokens sampled in the step; ``new_text`` the text they completed
+    (None without a tokenizer). Text that could still turn out to begin a stop string, or an
+    incomplete character, is held back until it is certain, so the ``new_text`` of a request's
+    deltas add up to its ``output.text``. ``output`` is the final ``RequestOutput``, set only on the
+    request's last delta (when ``finished``).
+    """
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str | None
+    output: RequestOutput | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.output is not None

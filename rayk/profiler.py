@@ -83,9 +83,9 @@ class Profiler:
             {"kind": kind, "source": source, "target": target, "blocks": num_blocks, "bytes": num_bytes, "start": start - self._origin, "end": end - self._origin}
         )
 
-    def _on_events(self, events) -> None:
+    def _on_events(self, batch) -> None:
         now = time.perf_counter() - self._origin
-        for event in events:
+        for event in batch.events:
             if isinstance(event, BlocksRemoved):
                 self.recording.evictions.append({"tier": event.tier, "blocks": len(event.block_hashes), "time": now})
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from rayk.cache.block_pool import BlockPool
-from rayk.cache.events import BlocksRemoved, BlocksStored
+from rayk.cache.events import AllBlocksCleared, BlocksRemoved, BlocksStored, EventBuffer
 from rayk.cache.kv_cache_manager import KVCacheManager
 from rayk.hashing import BlockHasher, token_bytes
 
@@ -103,11 +103,30 @@ def test_events_keep_order_and_batch_runs():
     [a] = pool.allocate(1)
     pool.cache_block(a, _key(2), bytes(16), token_bytes([2]))
     assert pool.events.drain() == [
-        BlocksStored("device", (_key(1),)),
+        BlocksStored("device", (_key(1),), bytes(16)),
         BlocksRemoved("device", (_key(1),)),
-        BlocksStored("device", (_key(2),)),
+        BlocksStored("device", (_key(2),), bytes(16)),
     ]
     assert pool.events.drain() == []
+
+
+def test_a_stored_event_holds_one_prefix_chain_with_the_parent_of_its_first_key():
+    buffer = EventBuffer("host")
+    root = bytes(16)
+    buffer.stored(_key(1), root)
+    buffer.stored(_key(2), _key(1))
+    buffer.stored(_key(7), root)  # another prompt's first block starts a new event
+    buffer.stored(_key(8), _key(7))
+    assert buffer.drain() == [BlocksStored("host", (_key(1), _key(2)), root), BlocksStored("host", (_key(7), _key(8)), root)]
+
+
+def test_clearing_a_tier_replaces_its_pending_events_with_one():
+    buffer = EventBuffer("disk")
+    buffer.stored(_key(1), bytes(16))
+    buffer.removed(_key(1))
+    buffer.cleared()
+    buffer.stored(_key(3), bytes(16))
+    assert buffer.drain() == [AllBlocksCleared("disk"), BlocksStored("disk", (_key(3),), bytes(16))]
 
 
 def test_the_manager_never_serves_the_last_prompt_token_from_cache():

@@ -136,10 +136,11 @@ def test_kv_events_announce_stored_blocks(tiny_llama_dir):
     llm.engine.subscribe(batches.append)
     prompt = random_prompts([40], seed=9)[0]
     output = llm.generate(prompt, GREEDY)[0]
-    stored = [h for batch in batches for e in batch if isinstance(e, BlocksStored) for h in e.block_hashes]
+    stored = [h for batch in batches for e in batch.events if isinstance(e, BlocksStored) for h in e.block_hashes]
     # 40 prompt + 11 output tokens have KV (the last sampled token never ran): 3 full blocks.
     assert stored == llm.engine.kv_cache_manager.hasher.hash_blocks((prompt + output.token_ids)[:48])
-    assert all(e.tier == "device" for batch in batches for e in batch)
+    assert all(e.tier == "device" for batch in batches for e in batch.events)
+    assert [batch.seq for batch in batches] == list(range(len(batches)))
 
 
 def test_preemption_does_not_inflate_prefix_cache_statistics(tiny_llama_dir):
@@ -158,9 +159,9 @@ def test_a_long_prefill_joining_running_decodes_gives_identical_tokens(tiny_mode
     ids = [engine.add_request(p, GREEDY) for p in short]
     outputs = {}
     for _ in range(3):
-        outputs |= {o.request_id: o for o in engine.step()}
+        outputs |= {d.request_id: d.output for d in engine.step() if d.finished}
     ids.append(engine.add_request(long_prompt, GREEDY))
     # The next step prefills 300 tokens beside three decodes: separate attention groups.
     while engine.has_unfinished_requests():
-        outputs |= {o.request_id: o for o in engine.step()}
+        outputs |= {d.request_id: d.output for d in engine.step() if d.finished}
     assert [outputs[i].token_ids for i in ids] == reference

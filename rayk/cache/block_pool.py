@@ -150,7 +150,7 @@ class BlockPool:
         self._infos[block] = BlockInfo(block_hash, depth, self.bytes_per_block)
         offset = block * self.block_bytes
         self._token_bytes[offset : offset + self.block_bytes] = tokens
-        self.events.stored(block_hash)
+        self.events.stored(block_hash, parent_hash)
         if self.lifecycle is not None:
             self.lifecycle.cached(block_hash)
         return True
@@ -174,6 +174,14 @@ class BlockPool:
                 evicted.append(self.record(block))
                 self._drop_key(block)
                 self._uncached_free.append(block)
+        return evicted
+
+    def clear(self) -> list[BlockRecord]:
+        """Drops every free, unpinned cached block. When no cached block is left, the removals
+        are announced as one ``AllBlocksCleared``."""
+        evicted = self.evict(list(self._evictable))
+        if not self.cached:
+            self.events.cleared()
         return evicted
 
     def pin(self, key: BlockHash) -> bool:

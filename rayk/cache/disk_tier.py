@@ -200,6 +200,17 @@ class DiskTier:
                 self._delete(key)
         return len(present)
 
+    def clear(self) -> int:
+        """Deletes every block file (after the queued writes land), announced as one
+        ``AllBlocksCleared``; returns how many blocks it dropped."""
+        self.flush()
+        with self._lock:
+            count = len(self._index)
+            for key in list(self._index):
+                self._delete(key)
+            self.events.cleared()
+        return count
+
     def set_max_bytes(self, max_bytes: int) -> None:
         """Changes the byte budget, deleting files (by policy) until the tier fits it."""
         if max_bytes < 1:
@@ -294,7 +305,7 @@ class DiskTier:
         self._index[key] = entry
         self.num_bytes += entry.num_bytes
         self.policy.on_insert(BlockInfo(key, entry.depth, entry.num_bytes))
-        self.events.stored(key)
+        self.events.stored(key, entry.parent)
 
     def _delete(self, key: BlockHash) -> None:
         """Forgets a block and deletes its file (caller holds the lock)."""

@@ -1,12 +1,22 @@
 """KV events: every block stored in, or removed from, a tier is announced to subscribers.
 
-The cache layers only append block keys to an ``EventBuffer`` (two list appends on the hot
-path); whoever drives the engine drains the buffer once per step and hands subscribers one batch.
-This is what a worker will later forward to the coordinator's prefix directory.
+The cache layers only append block keys to an ``EventBuffer`` (list appends on the hot path);
+whoever drives the engine drains the buffers once per step into one ``KVEventBatch``. A worker
+forwards these batches to the coordinator's prefix directory.
+
+Contract of a batch, which a directory relies on:
+
+* ``seq`` counts the batches of one engine from 0 with no gaps, so a missing number means lost
+  events (the directory then asks for the engine's inventory);
+* within a batch, events are in the order the tiers changed, per tier;
+* a ``BlocksStored`` holds keys in prefix order: each key's parent is the key before it, and the
+  first key's parent is ``parent_hash`` (the root key for a prefix's first block);
+* ``AllBlocksCleared`` replaces a removal of every block of its tier.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,10 +25,11 @@ from rayk.hashing import BlockHash
 
 @dataclass(frozen=True)
 class BlocksStored:
-    """Blocks whose KV is now held by ``tier`` under these keys."""
+    """Blocks whose KV is now held by ``tier`` under these keys, in prefix order."""
 
     tier: str
     block_hashes: tuple[BlockHash, ...]
+    parent_hash: BlockHash
 
 
 @dataclass(frozen=True)
@@ -29,16 +40,35 @@ class BlocksRemoved:
     block_hashes: tuple[BlockHash, ...]
 
 
-KVEvent = BlocksStored | BlocksRemoved
-KVEventSubscriber = Callable[[list[KVEvent]], None]
+@dataclass(frozen=True)
+class AllBlocksCleared:
+    """``tier`` dropped every block it held."""
+
+    tier: str
+
+
+KVEvent = BlocksStored | BlocksRemoved | AllBlocksCleared
+
+
+@dataclass(frozen=True)
+class KVEventBatch:
+    """One engine's events of one step: ``seq`` numbers batches from 0 without gaps;
+    ``timestamp`` is wall-clock seconds (``time.time()``) when the batch was drained."""
+
+    seq: int
+    timestamp: float
+    events: tuple[KVEvent, ...]
+
+
+KVEventSubscriber = Callable[[KVEventBatch], None]
 
 
 class EventBuffer:
     """The keys stored in and removed from one tier since the last drain, in order.
 
-    Consecutive changes of one kind share an event, so a step that stores a thousand blocks
-    yields one ``BlocksStored``; order across kinds is kept, so a key stored and then evicted
-    in one step ends up removed.
+    Consecutive changes of one kind share an event while they stay in prefix order, so a step
+    that stores a thousand blocks of one prompt yields one ``BlocksStored``; order across kinds is
+    kept, so a key stored and then evicted in one step ends up removed.
     """
 
     def __init__(self, tier: str):
@@ -46,11 +76,13 @@ class EventBuffer:
         self._events: list[KVEvent] = []
         self._run_kind: type | None = None
         self._run: list[BlockHash] = []
+        self._run_parent: BlockHash | None = None
 
-    def stored(self, block_hash: BlockHash) -> None:
-        if self._run_kind is not BlocksStored:
+    def stored(self, block_hash: BlockHash, parent_hash: BlockHash) -> None:
+        if self._run_kind is not BlocksStored or self._run[-1] != parent_hash:
             self._close_run()
             self._run_kind = BlocksStored
+            self._run_parent = parent_hash
         self._run.append(block_hash)
 
     def removed(self, block_hash: BlockHash) -> None:
@@ -58,6 +90,11 @@ class EventBuffer:
             self._close_run()
             self._run_kind = BlocksRemoved
         self._run.append(block_hash)
+
+    def cleared(self) -> None:
+        """Every block of the tier is gone: earlier pending events of it no longer matter."""
+        self._run, self._run_kind = [], None
+        self._events = [AllBlocksCleared(self.tier)]
 
     def drain(self) -> list[KVEvent]:
         """Returns and forgets the pending events, oldest first."""
@@ -67,6 +104,21 @@ class EventBuffer:
 
     def _close_run(self) -> None:
         if self._run:
-            self._events.append(self._run_kind(self.tier, tuple(self._run)))
+            if self._run_kind is BlocksStored:
+                self._events.append(BlocksStored(self.tier, tuple(self._run), self._run_parent))
+            else:
+                self._events.append(BlocksRemoved(self.tier, tuple(self._run)))
             self._run = []
         self._run_kind = None
+
+
+class EventSequencer:
+    """Numbers an engine's event batches from 0, one per non-empty drain."""
+
+    def __init__(self):
+        self.next_seq = 0
+
+    def batch(self, events: list[KVEvent]) -> KVEventBatch:
+        batch = KVEventBatch(self.next_seq, time.time(), tuple(events))
+        self.next_seq += 1
+        return batch

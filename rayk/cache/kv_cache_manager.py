@@ -11,6 +11,10 @@ and token ids (on disk, also the payload's checksum, read right then), so by ind
 root every served block holds exactly the request's tokens. At least one token of every request
 is always computed: a hit never covers the last prompt token, whose logits the first sample needs.
 
+Blocks that an admitted request will compute but has not published yet are *in flight*: a
+waiting request whose next uncached block is in flight waits for it (``waits_for_in_flight``)
+rather than computing it again, so a burst sharing a new prefix computes it once.
+
 ``admit`` then takes the hit: it protects the hit's blocks, allocates the rest, demotes the
 cached device blocks it evicted (device → host → disk, as each tier makes room), and onloads the
 host and disk hits into their new device blocks, one gather and one scatter per tier.
@@ -48,6 +52,7 @@ class _RequestBlocks:
     block_hashes: list[BlockHash] = field(default_factory=list)
     num_published_blocks: int = 0
     num_slots_used: int = 0
+    num_in_flight_blocks: int = 0  # its blocks from num_published_blocks on are registered in flight
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,8 @@ class KVCacheManager:
         self._requests: dict[str, _RequestBlocks] = {}
         # Blocks set aside by a budget below a tier's size; each holds one reference.
         self.reserved: dict[str, list[int]] = {"device": [], "host": []}
+        # Key of a block an admitted request computes but has not published → that request.
+        self._in_flight: dict[BlockHash, str] = {}
         self.num_query_tokens = 0
         self.num_hit_tokens = 0
         self.hit_tokens_by_tier = dict.fromkeys(TIERS, 0)
@@ -132,6 +139,16 @@ class KVCacheManager:
             sources.append(source)
             parent = key
         return PrefixHit(tuple(sources), len(sources) * self.block_size, len(token_ids))
+
+    def waits_for_in_flight(self, request_id: str, hit: PrefixHit) -> bool:
+        """Whether another request is computing the block right after ``hit`` (found by
+        ``find_prefix``): then this one should wait, and find it cached once published."""
+        state = self._requests[request_id]
+        next_block = len(hit.sources)
+        if next_block >= min((hit.num_query_tokens - 1) // self.block_size, len(state.block_hashes)):
+            return False
+        owner = self._in_flight.get(state.block_hashes[next_block])
+        return owner is not None and owner != request_id
 
     def _locate(self, key: BlockHash, parent: BlockHash, tokens: bytes) -> tuple[str, object] | None:
         block = self.pool.lookup(key, parent, tokens)
@@ -202,7 +219,9 @@ class KVCacheManager:
             start = time.perf_counter()
             self.kv_cache.scatter(targets["disk"], torch.cat(disk_payloads, dim=2))
             self.record_transfer("onload", "disk", "device", len(disk_payloads), start)
-        self._publish(state, len(hit.sources))
+        self._publish(request_id, state, len(hit.sources))
+        if self.enable_prefix_caching:
+            self._register_in_flight(request_id, state, hit.num_query_tokens // self.block_size)
         state.num_slots_used = max(state.num_slots_used, num_tokens)
         by_tier = dict.fromkeys(TIERS, 0)
         for tier, _ in hit.sources:
@@ -250,19 +269,37 @@ class KVCacheManager:
             return
         _sync_token_bytes(state, token_ids)
         self.hasher.extend(state.block_hashes, state.token_bytes[: num_full * self.hasher.block_bytes], state.root)
-        self._publish(state, num_full)
+        self._publish(request_id, state, num_full)
 
-    def _publish(self, state: _RequestBlocks, num_full: int) -> None:
+    def _publish(self, request_id: str, state: _RequestBlocks, num_full: int) -> None:
         step = self.hasher.block_bytes
         for i in range(state.num_published_blocks, num_full):
             parent = state.block_hashes[i - 1] if i else state.root
             self.pool.cache_block(state.block_ids[i], state.block_hashes[i], parent, state.token_bytes[i * step : (i + 1) * step], depth=i)
+        self._unregister_in_flight(request_id, state, state.num_published_blocks, min(num_full, state.num_in_flight_blocks))
         state.num_published_blocks = max(state.num_published_blocks, num_full)
+
+    def _register_in_flight(self, request_id: str, state: _RequestBlocks, num_full_prompt_blocks: int) -> None:
+        """Announces the prompt's full blocks this request will compute (the first request to
+        announce a key owns it)."""
+        for key in state.block_hashes[state.num_published_blocks : num_full_prompt_blocks]:
+            self._in_flight.setdefault(key, request_id)
+        state.num_in_flight_blocks = max(state.num_in_flight_blocks, num_full_prompt_blocks)
+
+    def _unregister_in_flight(self, request_id: str, state: _RequestBlocks, start: int, end: int) -> None:
+        """Withdraws the request's in-flight keys among its blocks ``start:end``."""
+        in_flight = self._in_flight
+        for key in state.block_hashes[start:end]:
+            if in_flight.get(key) == request_id:
+                del in_flight[key]
 
     def free(self, request_id: str) -> None:
         """Returns every block of the request, tail first, and forgets it."""
         state = self._requests.pop(request_id, None)
-        if state is not None and state.block_ids:
+        if state is None:
+            return
+        self._unregister_in_flight(request_id, state, state.num_published_blocks, state.num_in_flight_blocks)
+        if state.block_ids:
             self.pool.free(reversed(state.block_ids))
 
     def spill_to_disk(self) -> None:

@@ -58,6 +58,23 @@ class MemoryController:
             evicted["disk"] = m.disk.evict(keys)
         return evicted
 
+    def clear(self, tiers: Sequence[str] = TIER_NAMES) -> dict[str, int]:
+        """Drops every cached block of ``tiers`` (device blocks in use or pinned stay); returns
+        how many each tier dropped. A tier left empty announces one ``AllBlocksCleared``."""
+        m = self.manager
+        unknown = sorted(set(tiers) - set(TIER_NAMES))
+        if isinstance(tiers, str) or unknown:
+            raise ValueError(f"tiers must be a list drawn from {TIER_NAMES}, got {tiers!r}")
+        self._settle()
+        dropped = dict.fromkeys(TIER_NAMES, 0)
+        if "device" in tiers:
+            dropped["device"] = len(m.pool.clear())
+        if "host" in tiers and m.host is not None:
+            dropped["host"] = len(m.host.pool.clear())
+        if "disk" in tiers and m.disk is not None:
+            dropped["disk"] = m.disk.clear()
+        return dropped
+
     def offload(self, keys: Sequence[BlockHash], tier: str = "host") -> int:
         """Moves the keys' free, unpinned blocks down to ``tier`` ("host" or "disk"), out of the
         tiers above it; returns how many of the keys that tier (or, for the host, the disk below

@@ -2,7 +2,7 @@
 
 It owns the model, the device KV pool and the scheduler. ``add_request`` validates everything
 before any state changes, so a bad request raises and the engine keeps serving the others.
-After every step the pool's KV events are handed to subscribers as one batch.
+After every step the tiers' KV events are handed to subscribers as one numbered batch, and\n``step()`` returns what every request produced in it, for streaming.
 """
 
 from __future__ import annotations
@@ -16,27 +16,21 @@ from collections.abc import Sequence
 
 import torch
 
-from rayk.cache.block_pool import BlockPool
-from rayk.cache.disk_tier import DiskTier
-from rayk.cache.events import KVEventSubscriber
-from rayk.cache.host_tier import HostTier
-from rayk.cache.kv_cache_manager import KVCacheManager
-from rayk.cache.lifecycle import LifecycleSampler
+from rayk.cache.events import EventSequencer, KVEventSubscriber
+from rayk.cache.factory import build_tiered_cache
 from rayk.cache.memory_profile import memory_profile
 from rayk.cache.memory_controller import MemoryController
-from rayk.cache.paged_kv import KV_LAYOUT, KVLayout, PagedKVCache
-from rayk.cache.policies import copy_policy, make_policy
-from rayk.cache.transfer import CopyEngine
+from rayk.cache.paged_kv import KV_LAYOUT, KVLayout
 from rayk.config import EngineConfig
 from rayk.engine.model_runner import ModelRunner
 from rayk.engine.request import Request
 from rayk.engine.scheduler import Scheduler
-from rayk.hashing import BlockHasher, model_fingerprint
+from rayk.hashing import BlockHash, model_fingerprint
 from rayk.model.architecture import TORCH_DTYPES
 from rayk.model.attention import FLASH_ATTN_BLOCK_SIZE_MULTIPLE, flash_attn_available
 from rayk.model.tokenizer import IncrementalDetokenizer
 from rayk.model.loader import load_model
-from rayk.outputs import RequestOutput
+from rayk.outputs import CompletionDelta, RequestOutput
 from rayk.sampling_params import SamplingParams
 
 
@@ -63,36 +57,9 @@ class LLMEngine:
             }
         )
         num_blocks = cache_config.num_device_blocks or self._default_num_blocks(layout)
-        self.kv_cache = PagedKVCache(layout, num_blocks, self.device)
-        policy = cache_config.eviction_policy
-        # Each tier mirrors its own candidates, so each gets its own policy object: an instance
-        # serves the device, the tiers below get copies of it.
-        self.pool = BlockPool(num_blocks, block_size, tier="device", policy=make_policy(policy), bytes_per_block=layout.bytes_per_block)
-        self.disk = None
-        if cache_config.disk_dir is not None:
-            self.disk = DiskTier(
-                cache_config.disk_dir, layout, self.fingerprint, cache_config.disk_bytes, copy_policy(policy), compress=cache_config.compression("disk")
-            )
-        self.host = None
-        if cache_config.host_blocks:
-            self.host = HostTier(
-                layout,
-                cache_config.host_blocks,
-                copy_policy(policy),
-                lower=self.disk,
-                compress=cache_config.compression("host"),
-                copy_engine=CopyEngine(self.device),
-            )
-        for pool in [self.pool] + ([self.host.pool] if self.host else []):
-            pool.lifecycle = LifecycleSampler(cache_config.lifecycle_sample_rate)
-        self.kv_cache_manager = KVCacheManager(
-            self.pool,
-            BlockHasher(self.fingerprint, block_size, cache_config.hash_algorithm),
-            cache_config.enable_prefix_caching,
-            kv_cache=self.kv_cache,
-            host=self.host,
-            disk=self.disk,
-        )
+        self.cache = build_tiered_cache(cache_config, layout, self.fingerprint, self.device, num_blocks)
+        self.kv_cache, self.pool, self.host, self.disk = self.cache.kv_cache, self.cache.pool, self.cache.host, self.cache.disk
+        self.kv_cache_manager = self.cache.manager
         # Pins and budgets leave room for one max_model_len sequence, or half the pool when the pool
         # is smaller than two such sequences: a small pool must still leave something to pin.
         min_device_blocks = min(math.ceil(self.max_model_len / block_size), num_blocks // 2)
@@ -100,6 +67,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager)
         self.runner = ModelRunner(self.model, self.kv_cache, self.kv_cache_manager, self.attention_backend)
         self._subscribers: list[KVEventSubscriber] = []
+        self._event_sequencer = EventSequencer()
+        self.closed = False
         # Objects with before_step(engine, batch) and after_step(engine, batch, start_s, end_s).
         self.step_observers: list = []
         self._request_ids = (str(i) for i in itertools.count())
@@ -114,6 +83,7 @@ class LLMEngine:
         self, prompt: str | Sequence[int], params: SamplingParams, index: int | None = None, cache_salt: str | bytes | None = None
     ) -> list[int]:
         """The prompt's token ids, or a ValueError/TypeError naming what is wrong. Changes nothing."""
+        self.check_open()
         where = "prompt" if index is None else f"prompts[{index}]"
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params for {where} must be a rayk.SamplingParams, got {type(params).__name__}")
@@ -167,6 +137,7 @@ class LLMEngine:
         return self.add_validated_request(token_ids, params, cache_salt=cache_salt, request_id=request_id)
 
     def add_validated_request(self, token_ids: list[int], params: SamplingParams, *, cache_salt: str | None = None, request_id: str | None = None) -> str:
+        self.check_open()
         if request_id is None:
             request_id = next(i for i in self._request_ids if i not in self._requests)
         if request_id in self._requests:
@@ -192,11 +163,14 @@ class LLMEngine:
 
     # -- stepping -----------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
-        """Runs one batch; returns the outputs of the requests that finished in it."""
+    def step(self) -> list[CompletionDelta]:
+        """Runs one batch; returns what each request produced in it, one delta per request that
+        sampled a token. A finished request's delta carries its final ``RequestOutput``."""
+        self.check_open()
         start = time.perf_counter()
         batch = self.scheduler.schedule()
         finished = []
+        deltas = []
         if len(batch):
             for observer in self.step_observers:
                 observer.before_step(self, batch)
@@ -206,40 +180,60 @@ class LLMEngine:
             self.num_steps += 1
             for observer in self.step_observers:
                 observer.after_step(self, batch, start, time.perf_counter())
+            for request, token in zip(batch.requests, sampled):
+                if token is not None and not request.finished:
+                    new_tokens, new_text = request.take_delta(None)
+                    deltas.append(CompletionDelta(request.request_id, new_tokens, new_text))
         self._publish_events()
-        outputs = []
         for request in finished:
             del self._requests[request.request_id]
             self.num_finished_requests += 1
-            outputs.append(request.to_output(self._final_text(request)))
-        return outputs
+            text = self._final_text(request)
+            new_tokens, new_text = request.take_delta(text)
+            deltas.append(CompletionDelta(request.request_id, new_tokens, new_text, request.to_output(text)))
+        return deltas
 
     def subscribe(self, subscriber: KVEventSubscriber) -> None:
-        """Calls ``subscriber(events)`` after every step that stored or removed blocks."""
+        """Calls ``subscriber(batch)`` with a ``KVEventBatch`` after every step that changed a tier."""
         self._subscribers.append(subscriber)
 
     def unsubscribe(self, subscriber: KVEventSubscriber) -> None:
         self._subscribers.remove(subscriber)
 
     def _publish_events(self) -> None:
-        events = self.pool.events.drain()
-        if self.host is not None:
-            events += self.host.pool.events.drain()
-        if self.disk is not None:
-            events += self.disk.drain_events()
-        if events:
-            for subscriber in self._subscribers:
-                try:
-                    subscriber(events)
-                except Exception:
-                    # A subscriber's failure must not lose the step's outputs or stall the engine.
-                    logging.getLogger(__name__).exception("KV event subscriber %r failed", subscriber)
+        events = self.cache.drain_events()
+        if not events:
+            return
+        batch = self._event_sequencer.batch(events)
+        for subscriber in self._subscribers:
+            try:
+                subscriber(batch)
+            except Exception:
+                # A subscriber's failure must not lose the step's outputs or stall the engine.
+                logging.getLogger(__name__).exception("KV event subscriber %r failed", subscriber)
+
+    def inventory(self) -> tuple[int, dict[str, list[BlockHash]]]:
+        """Every key each tier holds, and the ``seq`` of the last event batch it includes (-1 if
+        none): events up to that batch are in it, later batches follow it. For a directory that
+        restarted or lost a batch."""
+        self._publish_events()
+        return self._event_sequencer.next_seq - 1, self.cache.inventory()
 
     def close(self) -> None:
-        """Writes every cached block to the disk tier, if there is one, and waits for the writes."""
+        """Stops the engine: unfinished requests are dropped, every cached block is written to
+        the disk tier (when there is one), and every later call raises. Closing twice is a no-op."""
+        if self.closed:
+            return
+        for request_id in list(self._requests):
+            self.abort_request(request_id)
         if self.disk is not None:
             self.kv_cache_manager.spill_to_disk()
             self.disk.close()
+        self.closed = True
+
+    def check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("this rayk engine is closed; create a new one to generate again")
 
     def _final_text(self, request: Request) -> str | None:
         """The text cut at its stop string, or else all generated tokens decoded at once (which

@@ -38,6 +38,8 @@ class Request:
     finish_time: float | None = None
     finish_reason: str | None = None
     stopped_on_string: bool = False
+    num_streamed_tokens: int = 0
+    num_streamed_chars: int = 0
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_token_ids)
@@ -90,6 +92,22 @@ class Request:
     @property
     def text(self) -> str | None:
         return None if self.detokenizer is None else self.detokenizer.text
+
+    def take_delta(self, final_text: str | None) -> tuple[list[int], str | None]:
+        """The tokens and text not streamed yet. ``final_text`` is the request's whole text once it
+        has finished; until then the last characters that could begin a stop string are held back."""
+        new_tokens = self.token_ids[len(self.prompt_token_ids) + self.num_streamed_tokens :]
+        self.num_streamed_tokens += len(new_tokens)
+        if self.detokenizer is None:
+            return new_tokens, None
+        visible = final_text
+        if visible is None:
+            visible = self.detokenizer.text
+            hold = max(map(len, self.params.stop), default=1) - 1
+            visible = visible[: max(0, len(visible) - hold)]
+        new_text = visible[self.num_streamed_chars :]
+        self.num_streamed_chars = max(self.num_streamed_chars, len(visible))
+        return new_tokens, new_text
 
     def to_output(self, text: str | None) -> RequestOutput:
         return RequestOutput(

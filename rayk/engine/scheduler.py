@@ -4,7 +4,8 @@ Every step has a budget of ``max_num_batched_tokens``. Running requests come fir
 order: each gets the tokens it still lacks KV for (one for decode, a chunk of its prompt while
 prefilling). Then waiting requests are admitted while the budget, ``max_num_seqs`` and free
 blocks allow; an admitted request starts at its cached prefix, so only the uncached suffix is
-prefilled.
+prefilled. A waiting request whose next uncached block another request is computing waits
+for it, so a burst that shares a new prefix computes it once (in-batch prefix caching).
 
 When a running request cannot get a block, the most recently admitted running request is
 preempted by recompute: its blocks are freed (they stay cached, so its re-admission usually hits
@@ -70,9 +71,15 @@ class Scheduler:
                 batch.add(request, num_tokens)
                 budget -= num_tokens
                 i += 1
+        # Admission is first come, first served, except that a request waiting for blocks another
+        # request is computing steps aside (it will hit them once they are published).
+        deferred: list[Request] = []
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             hit = self.kv_cache_manager.find_prefix(request.request_id, request.token_ids, request.cache_salt)
+            if self.kv_cache_manager.waits_for_in_flight(request.request_id, hit):
+                deferred.append(self.waiting.popleft())
+                continue
             num_tokens = min(request.num_tokens - hit.num_tokens, budget)
             first_admission = request.num_cached_tokens is None
             by_tier = self.kv_cache_manager.admit(request.request_id, hit.num_tokens + num_tokens, hit, count_stats=first_admission)
@@ -86,6 +93,7 @@ class Scheduler:
             self.running.append(request)
             batch.add(request, num_tokens)
             budget -= num_tokens
+        self.waiting.extendleft(reversed(deferred))
         return batch
 
     def update(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[Request]:
