@@ -8,7 +8,7 @@ Every error names the field and the allowed range.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from rayk.cache.policies import EvictionPolicy, make_policy
 from rayk.hashing import HASH_ALGORITHMS
@@ -135,8 +135,39 @@ class SchedulerConfig:
         _check_positive_int("SchedulerConfig", "max_num_batched_tokens", self.max_num_batched_tokens)
 
 
+_CACHE_OPTIONS = tuple(f.name for f in fields(CacheConfig) if f.name not in ("block_size", "num_device_blocks"))
+_SCHEDULER_OPTIONS = ("max_num_batched_tokens",)
+_MODEL_OPTIONS = ("attention_backend", "conversion_cache_dir")
+ENGINE_OPTIONS = tuple(sorted(_CACHE_OPTIONS + _SCHEDULER_OPTIONS + _MODEL_OPTIONS))
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+
+    @classmethod
+    def from_options(
+        cls,
+        model: str,
+        *,
+        block_size: int = 16,
+        device: str = "auto",
+        dtype: str = "auto",
+        num_device_blocks: int | None = None,
+        max_model_len: int | None = None,
+        max_num_seqs: int = 64,
+        **options,
+    ) -> EngineConfig:
+        """The config of ``rayk.LLM(model, ...)``'s flat keyword options (``ENGINE_OPTIONS`` and
+        the named ones); an unknown option is a TypeError that lists the known ones."""
+        unknown = sorted(set(options) - set(ENGINE_OPTIONS))
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown}; known options: {list(ENGINE_OPTIONS)}")
+        pick = lambda names: {k: v for k, v in options.items() if k in names}  # noqa: E731
+        return cls(
+            model=ModelConfig(str(model), dtype=dtype, device=device, max_model_len=max_model_len, **pick(_MODEL_OPTIONS)),
+            cache=CacheConfig(block_size=block_size, num_device_blocks=num_device_blocks, **pick(_CACHE_OPTIONS)),
+            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, **pick(_SCHEDULER_OPTIONS)),
+        )

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
-from rayk.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from rayk.config import EngineConfig
 from rayk.engine.llm_engine import LLMEngine
 from rayk.model.loader import DEFAULT_MODEL
 from rayk.model.tokenizer import TextTokenizer
@@ -13,9 +12,6 @@ from rayk.outputs import RequestOutput
 from rayk.profiler import Profiler
 from rayk.sampling_params import SamplingParams
 
-_CACHE_OPTIONS = tuple(f.name for f in dataclasses.fields(CacheConfig) if f.name not in ("block_size", "num_device_blocks"))
-_SCHEDULER_OPTIONS = ("max_num_batched_tokens",)
-_MODEL_OPTIONS = ("attention_backend", "conversion_cache_dir")
 
 
 class LLM:
@@ -43,14 +39,15 @@ class LLM:
         max_num_seqs: int = 64,
         **options,
     ):
-        unknown = sorted(set(options) - set(_CACHE_OPTIONS + _SCHEDULER_OPTIONS + _MODEL_OPTIONS))
-        if unknown:
-            raise TypeError(f"LLM got unknown option(s) {unknown}; known options: {sorted(_CACHE_OPTIONS + _SCHEDULER_OPTIONS + _MODEL_OPTIONS)}")
-        pick = lambda names: {k: v for k, v in options.items() if k in names}  # noqa: E731
-        config = EngineConfig(
-            model=ModelConfig(str(model), dtype=dtype, device=device, max_model_len=max_model_len, **pick(_MODEL_OPTIONS)),
-            cache=CacheConfig(block_size=block_size, num_device_blocks=num_device_blocks, **pick(_CACHE_OPTIONS)),
-            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, **pick(_SCHEDULER_OPTIONS)),
+        config = EngineConfig.from_options(
+            model,
+            block_size=block_size,
+            device=device,
+            dtype=dtype,
+            num_device_blocks=num_device_blocks,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            **options,
         )
         self._engine = LLMEngine(config)
 
@@ -72,8 +69,8 @@ class LLM:
         A string, or a list of ints, is one prompt; a list of those is a batch. Every prompt is
         checked before any is queued: one bad prompt raises and none is run.
         """
-        batch = _as_batch(prompts)
-        params = _params_for(batch, sampling_params)
+        batch = as_prompt_batch(prompts)
+        params = sampling_params_for(batch, sampling_params)
         engine = self.engine
         token_ids = [engine.validate_request(p, sp, index=i, cache_salt=cache_salt) for i, (p, sp) in enumerate(zip(batch, params))]
         request_ids: list[str] = []
@@ -103,12 +100,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generates replies: ``messages`` is one conversation (a list of {"role", "content"}
         dicts) or a list of them, rendered with the model's chat template."""
-        tokenizer = self.get_tokenizer()
-        one = isinstance(messages, Sequence) and bool(messages) and isinstance(messages[0], dict)
-        conversations = [messages] if one else messages
-        if isinstance(conversations, (str, bytes)) or not isinstance(conversations, Sequence) or not conversations:
-            raise TypeError("messages must be a conversation (a list of {'role', 'content'} dicts) or a non-empty list of them")
-        prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt, tokenize=True) for c in conversations]
+        prompts = render_conversations(self.get_tokenizer(), messages, add_generation_prompt)
         return self.generate(prompts, sampling_params, cache_salt=cache_salt)
 
     def get_tokenizer(self) -> TextTokenizer:
@@ -193,7 +185,17 @@ class LLM:
         self._engine.close()
 
 
-def _as_batch(prompts) -> list:
+def render_conversations(tokenizer: TextTokenizer, messages, add_generation_prompt: bool) -> list[list[int]]:
+    """The token ids of one conversation (a list of {"role", "content"} dicts) or of a list of
+    them, rendered with the model's chat template."""
+    one = isinstance(messages, Sequence) and bool(messages) and isinstance(messages[0], dict)
+    conversations = [messages] if one else messages
+    if isinstance(conversations, (str, bytes)) or not isinstance(conversations, Sequence) or not conversations:
+        raise TypeError("messages must be a conversation (a list of {'role', 'content'} dicts) or a non-empty list of them")
+    return [tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt, tokenize=True) for c in conversations]
+
+
+def as_prompt_batch(prompts) -> list:
     if isinstance(prompts, str):
         return [prompts]
     if not isinstance(prompts, Sequence) or isinstance(prompts, (bytes, bytearray)):
@@ -205,7 +207,7 @@ def _as_batch(prompts) -> list:
     return list(prompts)
 
 
-def _params_for(batch: list, sampling_params) -> list[SamplingParams]:
+def sampling_params_for(batch: list, sampling_params) -> list[SamplingParams]:
     if sampling_params is None:
         return [SamplingParams()] * len(batch)
     if isinstance(sampling_params, SamplingParams):

@@ -106,26 +106,7 @@ class LLMEngine:
         return token_ids
 
     def _prompt_token_ids(self, prompt: str | Sequence[int], where: str, cache_salt: str | bytes | None) -> list[int]:
-        if cache_salt is not None and not isinstance(cache_salt, (str, bytes)):
-            raise TypeError(f"cache_salt must be a str, bytes or None, got {type(cache_salt).__name__}")
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise TypeError(f"{where} is a string, but the model has no tokenizer.json: pass token ids")
-            token_ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)):
-            token_ids = list(prompt)
-            for token in token_ids:
-                if isinstance(token, bool) or not isinstance(token, int):
-                    raise TypeError(f"{where} must hold ints (token ids), found {type(token).__name__} {token!r}")
-        else:
-            raise TypeError(f"{where} must be a string or a list of token ids, got {type(prompt).__name__}")
-        if not token_ids:
-            raise ValueError(f"{where} is empty: a prompt needs at least one token")
-        vocab = self.arch.vocab_size
-        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"{where} holds token id {bad}, outside the vocabulary [0, {vocab})")
-        return token_ids
+        return prompt_token_ids(prompt, self.tokenizer, self.arch.vocab_size, where, cache_salt)
 
     def block_hashes(self, prompt: str | Sequence[int], cache_salt: str | bytes | None = None) -> list[bytes]:
         """The keys of a prompt's full blocks, as the cache names them (any length of prompt)."""
@@ -184,7 +165,7 @@ class LLMEngine:
                 if token is not None and not request.finished:
                     new_tokens, new_text = request.take_delta(None)
                     deltas.append(CompletionDelta(request.request_id, new_tokens, new_text))
-        self._publish_events()
+        self.publish_events()
         for request in finished:
             del self._requests[request.request_id]
             self.num_finished_requests += 1
@@ -200,7 +181,9 @@ class LLMEngine:
     def unsubscribe(self, subscriber: KVEventSubscriber) -> None:
         self._subscribers.remove(subscriber)
 
-    def _publish_events(self) -> None:
+    def publish_events(self) -> None:
+        """Hands the tiers' pending events to subscribers as one batch (every step does; call it
+        after changing the cache between steps)."""
         events = self.cache.drain_events()
         if not events:
             return
@@ -216,7 +199,7 @@ class LLMEngine:
         """Every key each tier holds, and the ``seq`` of the last event batch it includes (-1 if
         none): events up to that batch are in it, later batches follow it. For a directory that
         restarted or lost a batch."""
-        self._publish_events()
+        self.publish_events()
         return self._event_sequencer.next_seq - 1, self.cache.inventory()
 
     def close(self) -> None:
@@ -324,6 +307,30 @@ class LLMEngine:
                 "lower max_model_len or raise the memory budget"
             )
         return num_blocks
+
+
+def prompt_token_ids(prompt: str | Sequence[int], tokenizer, vocab_size: int, where: str = "prompt", cache_salt: str | bytes | None = None) -> list[int]:
+    """A prompt's token ids (a string is encoded with ``tokenizer``), or a ValueError/TypeError
+    naming ``where`` and what is wrong: the one check of prompts, for engines and drivers alike."""
+    if cache_salt is not None and not isinstance(cache_salt, (str, bytes)):
+        raise TypeError(f"cache_salt must be a str, bytes or None, got {type(cache_salt).__name__}")
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise TypeError(f"{where} is a string, but the model has no tokenizer.json: pass token ids")
+        token_ids = tokenizer.encode(prompt)
+    elif isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)):
+        token_ids = list(prompt)
+        for token in token_ids:
+            if isinstance(token, bool) or not isinstance(token, int):
+                raise TypeError(f"{where} must hold ints (token ids), found {type(token).__name__} {token!r}")
+    else:
+        raise TypeError(f"{where} must be a string or a list of token ids, got {type(prompt).__name__}")
+    if not token_ids:
+        raise ValueError(f"{where} is empty: a prompt needs at least one token")
+    bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"{where} holds token id {bad}, outside the vocabulary [0, {vocab_size})")
+    return token_ids
 
 
 def _architecture_fields(arch) -> dict:
