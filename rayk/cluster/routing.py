@@ -1,0 +1,397 @@
+"""Routing: which worker serves a request, by the estimated work it costs there.
+
+Plain Python (no Ray): the coordinator forwards to a ``Router``, which reads a ``PrefixDirectory``.
+
+The ``prefix`` policy's cost of serving a request on worker ``w``, in prompt tokens of prefill:
+
+    cost(w)     = uncached(w) + queue_weight * queued(w)
+    uncached(w) = num_tokens - block_size * sum_t blocks_t(w) * (1 - tier_costs[t])
+    queued(w)   = reported queued_prefill_tokens
+                  + prefill of requests routed to w that it has not reported receiving
+                  + decode_tokens_per_request * (running + waiting + unreported requests)
+
+``blocks_t(w)`` are the request's leading blocks ``w`` holds, by best tier (device, pending,
+host, disk); a hit never covers the last prompt token, as in the engine. ``tier_costs`` price a
+cached token as a fraction of a computed one: a device or pending hit is free, a host or disk hit
+costs its copy. ``queue_weight`` (< 1) says a token of queued work delays a request less than a
+token it must compute itself (continuous batching overlaps them), and keeps a prefix group on its
+worker through momentary load instead of computing the prefix twice. The minimum wins; exact ties
+rotate, so load spreads.
+
+A request whose first block no worker holds *seeds* a prefix: it goes to the worker that seeded
+the fewest prefixes among those whose cost is within one full prefill (``num_tokens``) of the
+least. Members that follow go to the prefix's worker (a hit is cheaper than a miss elsewhere), so
+prefix groups spread evenly over the workers and their caches add up, at any concurrency: with
+every worker idle (concurrency 1) the seeding count alone decides, and under load the slack
+keeps a momentary queue from deciding where a prefix group will live.
+
+*Pending* blocks: a routed request's keys beyond the chosen worker's hit are claimed pending on
+it in the directory (as good as a device hit), so the rest of a burst sharing a new prefix follows
+the first request before the worker has reported anything. A claim ends when the worker stores
+the key, when the request completes or fails, when the worker is removed, or ``pending_ttl_s``
+after the route.
+
+``choose`` is the decision alone (match and scoring, nothing recorded); ``route`` is ``choose``
+plus the pending claims and the bookkeeping below.
+
+Baselines: ``round_robin``, ``least_loaded`` (least queued work, unreported included),
+``random`` (seeded). Every decision records its predicted hit and the oracle (the largest hit any
+routable worker could give, per the directory); ``complete`` records the actual hit. In-flight
+bookkeeping holds only requests that have neither completed nor failed.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter, deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from itertools import compress, repeat
+from operator import eq, le, sub
+from typing import NamedTuple
+
+from rayk.cluster.directory import MATCH_TIERS, BlocksByTier, PrefixDirectory
+from rayk.hashing import BlockHash
+
+DEFAULT_TIER_COSTS = {"device": 0.0, "pending": 0.0, "host": 0.1, "disk": 0.3}
+"""Cost of serving a token from each tier, as a fraction of computing it (a miss costs 1)."""
+
+
+@dataclass(frozen=True)
+class WorkerLoad:
+    """What a worker reports with each event batch (requests and prompt tokens)."""
+
+    num_waiting: int = 0
+    num_running: int = 0
+    queued_prefill_tokens: int = 0
+    free_blocks: int = 0
+
+    def __post_init__(self):
+        for name in ("num_waiting", "num_running", "queued_prefill_tokens", "free_blocks"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"WorkerLoad.{name} must be an int >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    """Where a request goes, and what the router expects there (tokens)."""
+
+    request_id: str
+    worker_id: str
+    policy: str
+    predicted_hit_tokens: int
+    predicted_hit_by_tier: dict[str, int]
+    oracle_hit_tokens: int
+    estimated_cost_tokens: float
+    """The chosen worker's cost: uncached prefill (tier-weighted) + queue_weight * queued work."""
+
+
+class _WorkerState:
+    """What the router knows of one worker; ``queued`` is in tokens (see the module doc)."""
+
+    __slots__ = ("load", "unreported", "unreported_tokens")
+
+    def __init__(self):
+        self.load = WorkerLoad()
+        self.unreported: dict[str, float] = {}  # request id -> estimated prefill tokens
+        self.unreported_tokens = 0.0
+
+    def queued(self, decode_tokens_per_request: float) -> float:
+        load = self.load
+        requests = load.num_running + load.num_waiting + len(self.unreported)
+        return load.queued_prefill_tokens + self.unreported_tokens + decode_tokens_per_request * requests
+
+
+class _InFlight:
+    __slots__ = ("worker_id", "predicted_hit_tokens", "pending_keys", "pending_deadline")
+
+    def __init__(self, worker_id: str, predicted_hit_tokens: int, pending_keys: Sequence[BlockHash], pending_deadline: float):
+        self.worker_id = worker_id
+        self.predicted_hit_tokens = predicted_hit_tokens
+        self.pending_keys = pending_keys
+        self.pending_deadline = pending_deadline
+
+
+_NO_HIT = BlocksByTier()
+
+
+class RouteChoice(NamedTuple):
+    """A worker for a request and what it holds of it (blocks), before anything is recorded."""
+
+    worker_id: str
+    hit: BlocksByTier
+    oracle_blocks: int  # the largest hit any routable worker holds; 0: the request seeds a prefix
+    saved_tokens: float  # prefill the chosen worker's hit saves (tier-weighted tokens)
+
+
+class Router:
+    """Routes requests over the workers added to it, reading ``directory`` (see module doc)."""
+
+    POLICIES = ("prefix", "round_robin", "least_loaded", "random")
+
+    def __init__(
+        self,
+        directory: PrefixDirectory,
+        block_size: int,
+        policy: str = "prefix",
+        *,
+        seed: int = 0,
+        tier_costs: Mapping[str, float] | None = None,
+        pending_ttl_s: float = 10.0,
+        queue_weight: float = 0.5,
+        decode_tokens_per_request: float = 4.0,
+    ):
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"Router.block_size must be an int >= 1 (tokens), got {block_size!r}")
+        _check_policy(policy)
+        costs = dict(DEFAULT_TIER_COSTS if tier_costs is None else tier_costs)
+        if sorted(costs) != sorted(MATCH_TIERS) or not all(0.0 <= c <= 1.0 for c in costs.values()):
+            raise ValueError(f"Router.tier_costs must map each of {MATCH_TIERS} to a fraction in [0, 1], got {costs}")
+        if not pending_ttl_s > 0:
+            raise ValueError(f"Router.pending_ttl_s must be > 0 (seconds), got {pending_ttl_s!r}")
+        if not 0 <= queue_weight <= 1:
+            raise ValueError(f"Router.queue_weight must be in [0, 1], got {queue_weight!r}")
+        if not decode_tokens_per_request >= 0:
+            raise ValueError(f"Router.decode_tokens_per_request must be >= 0 (tokens), got {decode_tokens_per_request!r}")
+        self.directory = directory
+        self.block_size = block_size
+        self.policy = policy
+        self.pending_ttl_s = float(pending_ttl_s)
+        self.queue_weight = float(queue_weight)
+        self.decode_tokens_per_request = float(decode_tokens_per_request)
+        # Tokens a cached block saves against a miss, per tier, in BlocksByTier order.
+        self._saved_per_block = tuple(block_size * (1.0 - costs[tier]) for tier in MATCH_TIERS)
+        self._random = random.Random(seed)
+        # Routable workers in a fixed order, and per worker (same index) queue_weight * queued
+        # tokens and prefixes seeded: plain lists, so scoring every worker runs at C speed.
+        self._order: list[str] = []
+        self._index: dict[str, int] = {}
+        self._queue_costs: list[float] = []
+        self._seeded: list[int] = []
+        self._states: dict[str, _WorkerState] = {}
+        self._in_flight: dict[str, _InFlight] = {}
+        self._deadlines: deque[tuple[float, str]] = deque()  # (deadline, request id), route order
+        self._next_round_robin = 0
+        self._next_tie = 0
+        self._decisions: Counter[str] = Counter()
+        self._routed: Counter[str] = Counter()
+        self._totals: Counter[str] = Counter()
+
+    # -- workers ------------------------------------------------------------------------------
+
+    def add_worker(self, worker_id: str) -> None:
+        """Makes a worker routable; it must be registered in the directory. Adding twice is a no-op."""
+        if worker_id not in self.directory.workers():
+            raise ValueError(f"worker {worker_id!r} is not registered in the directory; register it there first")
+        if worker_id in self._states:
+            return
+        self._states[worker_id] = _WorkerState()
+        self._index[worker_id] = len(self._order)
+        self._order.append(worker_id)
+        self._queue_costs.append(0.0)
+        self._seeded.append(0)
+
+    def remove_worker(self, worker_id: str) -> None:
+        """Stops routing to a worker and forgets its in-flight requests and their pending claims."""
+        if worker_id not in self._states:
+            return
+        for request_id in [r for r, f in self._in_flight.items() if f.worker_id == worker_id]:
+            self._forget(request_id)
+            self._totals["dropped"] += 1
+        index = self._index.pop(worker_id)
+        del self._order[index], self._queue_costs[index], self._seeded[index], self._states[worker_id]
+        self._index = {w: i for i, w in enumerate(self._order)}
+
+    def report_load(self, worker_id: str, load: WorkerLoad, received_request_ids: Sequence[str] = ()) -> None:
+        """A worker's load, and the routed requests it has received since its last report (their
+        prefill is in ``load`` from now on). A late report from a removed worker is ignored."""
+        state = self._states.get(worker_id)
+        if state is None:
+            return
+        state.load = load
+        for request_id in received_request_ids:
+            state.unreported_tokens -= state.unreported.pop(request_id, 0.0)
+        if not state.unreported:
+            state.unreported_tokens = 0.0  # no float drift once nothing is unreported
+        self._refresh(worker_id)
+
+    # -- routing ------------------------------------------------------------------------------
+
+    def route(
+        self,
+        request_id: str,
+        keys: Sequence[BlockHash],
+        num_tokens: int,
+        *,
+        policy: str | None = None,
+        worker: str | None = None,
+        now: float | None = None,
+    ) -> RouteDecision:
+        """Picks a worker for a request: ``keys`` are its full blocks' keys, from the first, and
+        ``num_tokens`` its prompt length. ``worker`` forces one; ``policy`` overrides the router's.
+        ``now`` (seconds, monotonic) expires pending claims; it defaults to ``time.monotonic()``."""
+        if request_id in self._in_flight:
+            raise ValueError(f"request_id {request_id!r} is already in flight")
+        now = time.monotonic() if now is None else now
+        if self._deadlines and self._deadlines[0][0] <= now:
+            self._expire(now)
+        choice = self.choose(keys, num_tokens, policy=policy, worker=worker)
+        policy = self.policy if policy is None else policy
+        # The rotations advance per route, so choose() alone never changes a later choice.
+        self._next_tie += 1
+        self._next_round_robin += policy == "round_robin" and worker is None
+
+        chosen, counts = choice.worker_id, choice.hit
+        predicted = counts.num_blocks * self.block_size
+        prefill = num_tokens - choice.saved_tokens
+        index = self._index[chosen]
+        cost = prefill + self._queue_costs[index]
+        if not choice.oracle_blocks:
+            self._seeded[index] += 1
+        pending_keys = keys[counts.num_blocks :]
+        self.directory.mark_pending(chosen, pending_keys, request_id)
+        deadline = now + self.pending_ttl_s
+        self._deadlines.append((deadline, request_id))
+        self._in_flight[request_id] = _InFlight(chosen, predicted, pending_keys, deadline)
+        state = self._states[chosen]
+        state.unreported[request_id] = prefill
+        state.unreported_tokens += prefill
+        self._queue_costs[index] = self.queue_weight * state.queued(self.decode_tokens_per_request)
+
+        oracle = choice.oracle_blocks * self.block_size
+        self._decisions[policy] += 1
+        self._routed[chosen] += 1
+        self._totals["predicted_hit_tokens"] += predicted
+        self._totals["oracle_hit_tokens"] += oracle
+        by_tier = dict(zip(MATCH_TIERS, map(self.block_size.__mul__, counts)))
+        return RouteDecision(request_id, chosen, policy, predicted, by_tier, oracle, cost)
+
+    def choose(self, keys: Sequence[BlockHash], num_tokens: int, *, policy: str | None = None, worker: str | None = None) -> RouteChoice:
+        """The worker ``route`` would pick for a request, and its hit there, without routing it:
+        no pending claim and no bookkeeping (``random`` does draw from the router's generator)."""
+        policy = self.policy if policy is None else _check_policy(policy)
+        if not self._order:
+            raise RuntimeError("Router has no workers to route to: add_worker first")
+        if worker is not None and worker not in self._states:
+            raise ValueError(f"worker {worker!r} is not routable; known workers: {sorted(self._states)}")
+        if not isinstance(num_tokens, int) or num_tokens < 1:
+            raise ValueError(f"num_tokens must be an int >= 1 (prompt tokens), got {num_tokens!r}")
+        max_blocks = min(len(keys), (num_tokens - 1) // self.block_size)
+        held = self.directory.match(keys[:max_blocks]) if max_blocks else {}
+        saved: dict[str, float] = {}  # holder -> prefill tokens its cached blocks save
+        oracle_blocks = 0
+        device, pending, host, disk = self._saved_per_block
+        for counts, holders in held.items():
+            saved.update(dict.fromkeys(holders, counts[0] * device + counts[1] * pending + counts[2] * host + counts[3] * disk))
+            if any(map(self._states.__contains__, holders)):
+                oracle_blocks = max(oracle_blocks, counts.num_blocks)
+
+        if worker is not None:
+            chosen = worker
+        elif policy == "prefix":
+            chosen = self._cheapest(saved, num_tokens, seeding=not oracle_blocks)
+        elif policy == "least_loaded":
+            chosen = self._cheapest({}, num_tokens, seeding=False)
+        elif policy == "round_robin":
+            chosen = self._order[self._next_round_robin % len(self._order)]
+        else:
+            chosen = self._random.choice(self._order)
+        hit = _NO_HIT
+        if chosen in saved:
+            for counts, holders in held.items():
+                if chosen in holders:
+                    hit = counts
+                    break
+        return RouteChoice(chosen, hit, oracle_blocks, saved.get(chosen, 0.0))
+
+    def _cheapest(self, saved: dict[str, float], num_tokens: int, seeding: bool) -> str:
+        """The worker of least ``queue_weight * queued - saved`` (see the module doc)."""
+        costs = self._queue_costs
+        if len(saved) * 4 < len(costs):  # a few holders: adjust a copy
+            costs = costs.copy()
+            for worker_id, tokens in saved.items():
+                index = self._index.get(worker_id)
+                if index is not None:
+                    costs[index] -= tokens
+        elif saved:
+            costs = list(map(sub, costs, map(saved.get, self._order, repeat(0.0))))
+        best = min(costs)
+        if not seeding and costs.count(best) == 1:
+            return self._order[costs.index(best)]
+        limit = best + num_tokens if seeding else best
+        candidates = list(compress(range(len(costs)), map(le, costs, repeat(limit))))
+        if seeding:
+            seeded = list(map(self._seeded.__getitem__, candidates))
+            candidates = list(compress(candidates, map(eq, seeded, repeat(min(seeded)))))
+        return self._order[candidates[self._next_tie % len(candidates)]]
+
+    def complete(self, request_id: str, actual_hit_tokens: int | None) -> None:
+        """Records a finished request's actual hit (tokens served from cache), or a failure
+        (``None``), and forgets it. An unknown or already forgotten request is ignored."""
+        record = self._in_flight.get(request_id)
+        if record is None:
+            return
+        self._forget(request_id)
+        if actual_hit_tokens is None:
+            self._totals["failed"] += 1
+            return
+        self._totals["completed"] += 1
+        self._totals["completed_predicted_hit_tokens"] += record.predicted_hit_tokens
+        self._totals["actual_hit_tokens"] += actual_hit_tokens
+        self._totals["prediction_error_tokens"] += abs(actual_hit_tokens - record.predicted_hit_tokens)
+        self._totals["exact_predictions"] += actual_hit_tokens == record.predicted_hit_tokens
+
+    def stats(self) -> dict:
+        """Decisions per policy, predicted vs oracle and vs actual hit tokens, routes per worker."""
+        t = self._totals
+        larger = max(t["completed_predicted_hit_tokens"], t["actual_hit_tokens"])
+        return {
+            "decisions": dict(self._decisions),
+            "in_flight": len(self._in_flight),
+            "completed": t["completed"],
+            "failed": t["failed"],
+            "dropped": t["dropped"],
+            "predicted_hit_tokens": t["predicted_hit_tokens"],
+            "oracle_hit_tokens": t["oracle_hit_tokens"],
+            "hit_vs_oracle": t["predicted_hit_tokens"] / t["oracle_hit_tokens"] if t["oracle_hit_tokens"] else None,
+            "completed_predicted_hit_tokens": t["completed_predicted_hit_tokens"],
+            "actual_hit_tokens": t["actual_hit_tokens"],
+            "prediction_error_tokens": t["prediction_error_tokens"],
+            "prediction_accuracy": 1.0 - t["prediction_error_tokens"] / larger if larger else None,
+            "exact_predictions": t["exact_predictions"],
+            "routed_per_worker": dict(self._routed),
+        }
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _refresh(self, worker_id: str) -> None:
+        queued = self._states[worker_id].queued(self.decode_tokens_per_request)
+        self._queue_costs[self._index[worker_id]] = self.queue_weight * queued
+
+    def _forget(self, request_id: str) -> None:
+        record = self._in_flight.pop(request_id)
+        self.directory.end_pending(record.worker_id, record.pending_keys, request_id)
+        state = self._states.get(record.worker_id)
+        if state is not None and request_id in state.unreported:
+            state.unreported_tokens -= state.unreported.pop(request_id)
+            if not state.unreported:
+                state.unreported_tokens = 0.0
+            self._refresh(record.worker_id)
+
+    def _expire(self, now: float) -> None:
+        """Ends the pending claims whose deadline has passed (deadlines arrive in route order)."""
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            deadline, request_id = deadlines.popleft()
+            record = self._in_flight.get(request_id)
+            if record is not None and record.pending_deadline == deadline:
+                self.directory.end_pending(record.worker_id, record.pending_keys, request_id)
+                record.pending_keys = ()
+
+
+def _check_policy(policy: str) -> str:
+    if policy not in Router.POLICIES:
+        raise ValueError(f"policy must be one of {Router.POLICIES}, got {policy!r}")
+    return policy
