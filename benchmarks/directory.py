@@ -67,6 +67,8 @@ class Workload:
     conversations: list[tuple[bytes, ...]]  # held after the steady phase, as full chains
     system_prompts: list[tuple[bytes, ...]]
     num_held: int  # blocks held by the workers after the steady phase (a block on two workers counts twice)
+    first_keys: list[bytes]  # every chain's first key, which the router notes when it routes the chain
+
 
     @property
     def steady_block_events(self) -> int:
@@ -138,7 +140,10 @@ def make_workload(num_blocks: int, num_workers: int, steady_block_events: int, r
         events += sum(len(e.block_hashes) for e in batch.events)
     conversations = [c.keys for w in workers for c in (*w.device, *w.host)]
     num_held = sum(w.num_device + w.num_host for w in workers) + sum(len(w.system_prompts) for w in workers) * SYSTEM_PROMPT_BLOCKS
-    return Workload(fill, steady, conversations, system_prompts, num_held)
+    first_keys = list(
+        dict.fromkeys(e.block_hashes[0] for _, batch in fill + steady for e in batch.events if type(e) is BlocksStored and e.parent_hash == ROOT)
+    )
+    return Workload(fill, steady, conversations, system_prompts, num_held, first_keys)
 
 
 class BaselineDirectory:
@@ -222,6 +227,8 @@ def run_round(workload: Workload, num_workers: int, prompts: dict[str, list], lo
         directory = PrefixDirectory()
         for worker_id in worker_ids:
             directory.register(worker_id, 0)
+        for key in workload.first_keys:  # as the router does when it routes each chain
+            directory.note_prefix(key)
         for worker_id, batch in workload.fill:
             directory.apply(worker_id, 0, batch)
         start = time.perf_counter()

@@ -209,6 +209,25 @@ def test_storing_a_key_ends_its_pending_claim():
     directory.end_pending("ghost", keys, "r1")
 
 
+def test_prefixes_held_count_noted_first_keys_in_device_or_pending():
+    directory = _directory("w0", "w1")
+    a, b, c = _chain("a", 3), _chain("b", 2), _chain("c", 2)
+    directory.apply("w0", 0, _batch(0, _stored(a), _stored(b)))
+    directory.note_prefix(a[0])  # noted after it was stored
+    directory.note_prefix(b[0])
+    directory.note_prefix(c[0])
+    directory.mark_pending("w1", c, "r0")
+    assert directory.prefixes_held(["w0", "w1"]) == [2, 1]
+    directory.apply("w0", 0, _batch(1, BlocksRemoved("device", (b[0],)), _stored(a[:1], "host")))
+    assert directory.prefixes_held(["w0", "w1"]) == [1, 1], "only device and pending count"
+    directory.apply("w1", 0, _batch(0, _stored(c)))
+    directory.apply("w1", 0, _batch(1, AllBlocksCleared("device")))
+    assert directory.prefixes_held(["w0", "w1"]) == [1, 0]
+    directory.load_inventory("w0", 0, 5, {"host": a})
+    assert directory.prefixes_held(["w0"]) == [0]
+    directory.check_invariants()
+
+
 def test_stale_first_key_candidates_are_swept_as_the_index_grows():
     directory = _directory("w0")
     for seq in range(3000):
@@ -336,6 +355,11 @@ class DirectoryAgainstModel(RuleBasedStateMachine):
             self.directory.mark_pending(worker, keys, owner)
             self.owners[worker].update(dict.fromkeys(keys, owner))
             self.model[worker]["pending"].update(keys)
+
+    @rule(chain=st.sampled_from(CHAINS))
+    def note_prefix(self, chain):
+        """The router notes a request's first key, whether or not workers hold it already."""
+        self.directory.note_prefix(chain[0])
 
     @invariant()
     def matches_agree(self):

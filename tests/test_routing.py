@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from rayk.cache.events import BlocksStored, EventBuffer, EventSequencer, KVEventBatch
+from rayk.cache.events import AllBlocksCleared, BlocksStored, EventBuffer, EventSequencer, KVEventBatch
 from rayk.cluster.directory import PrefixDirectory
 from rayk.cluster.routing import RouteDecision, Router, WorkerLoad
 from rayk.hashing import BlockHasher, model_fingerprint
@@ -126,6 +126,40 @@ def test_ties_spread_new_prefixes_over_the_workers():
     assert sorted(chosen) == sorted([f"worker-{i}" for i in range(4)] * 2)
 
 
+def _seed_prefixes(router: Router, first_seed: int, count: int, **route_options) -> list[str]:
+    """Routes ``count`` requests with new prefixes one at a time; each worker stores the blocks
+    (reports them) before the next request. Returns the workers chosen."""
+    chosen = []
+    for i in range(count):
+        tokens = _tokens(first_seed + i, 4)
+        decision = router.route(f"seed-{first_seed + i}", _keys(tokens), len(tokens), now=0.0, **route_options)
+        router.report_load(decision.worker_id, WorkerLoad(), [decision.request_id])
+        _store(router.directory, decision.worker_id, router.directory.next_seq(decision.worker_id), _keys(tokens))
+        router.complete(decision.request_id, 0, now=0.0)
+        chosen.append(decision.worker_id)
+    return chosen
+
+
+def test_new_prefixes_go_where_the_fewest_prefixes_are_held():
+    directory, router = _cluster(4)
+    _seed_prefixes(router, 390, 2, worker="worker-0")
+    _seed_prefixes(router, 395, 1, worker="worker-1")
+    assert sorted(_seed_prefixes(router, 400, 2)) == ["worker-2", "worker-3"]
+    assert sorted(_seed_prefixes(router, 410, 3)) == ["worker-1", "worker-2", "worker-3"]
+    assert directory.prefixes_held(directory.workers()) == [2, 2, 2, 2]
+
+
+def test_prefixes_of_a_cleared_cache_do_not_decide_where_new_ones_go():
+    directory, router = _cluster(3)
+    _seed_prefixes(router, 420, 4)  # one worker seeds two prefixes
+    for worker_id in directory.workers():
+        batch = KVEventBatch(directory.next_seq(worker_id), 0.0, (AllBlocksCleared("device"),))
+        assert directory.apply(worker_id, 0, batch)
+    router.expire_claims(now=100.0)
+    chosen = _seed_prefixes(router, 430, 6)
+    assert sorted(chosen) == sorted(["worker-0", "worker-1", "worker-2"] * 2), chosen
+
+
 # -- pending blocks ---------------------------------------------------------------------------
 
 
@@ -142,6 +176,16 @@ def test_a_burst_sharing_a_new_prefix_goes_to_one_worker_before_it_reports():
     assert len(chosen) == 1
 
 
+def test_a_burst_waits_for_its_prefix_rather_than_compute_it_again_elsewhere():
+    # Followers would wait for the pending prefix on its worker, and compute it themselves
+    # anywhere else: that queued work is no reason to leave. Sized like the cluster test.
+    directory, router = _cluster(3)
+    prefix = _tokens(18, 3, tail=7)
+    questions = [_tokens(220 + i, 0, tail=2 + i) for i in range(8)]
+    chosen = {router.route(f"r{i}", _keys(prefix + q), len(prefix + q), now=0.0).worker_id for i, q in enumerate(questions)}
+    assert len(chosen) == 1
+
+
 def test_pending_claims_expire_after_the_ttl():
     directory, router = _cluster(4, pending_ttl_s=5.0)
     prefix = _tokens(9, 6, tail=0)
@@ -155,15 +199,42 @@ def test_pending_claims_expire_after_the_ttl():
     assert after_ttl.predicted_hit_tokens == 0 and after_ttl.oracle_hit_tokens == 0
 
 
-def test_completion_and_failure_end_the_pending_claims():
+def test_a_completed_request_keeps_its_claims_until_the_worker_reports_storing_them():
+    # A short request can finish before its worker's next event batch: the next member of its
+    # group must still find the prefix where it was computed.
+    directory, router = _cluster(4)
+    prefix = _tokens(10, 6, tail=0)
+    first_tokens = prefix + _tokens(310, 1)
+    first = router.route("r0", _keys(first_tokens), len(first_tokens), now=0.0)
+    router.report_load(first.worker_id, WorkerLoad(), ["r0"])
+    router.complete("r0", 0)
+    later = prefix + _tokens(311, 1)
+    second = router.route("r1", _keys(later), len(later), now=1.0)
+    assert second.worker_id == first.worker_id and second.predicted_hit_by_tier["pending"] == 6 * BLOCK_SIZE
+    _store(directory, first.worker_id, 0, _keys(first_tokens))
+    third = router.route("r2", _keys(later), len(later), now=2.0)
+    assert third.worker_id == first.worker_id and third.predicted_hit_by_tier["device"] == 6 * BLOCK_SIZE
+
+
+def test_a_completed_request_keeps_its_claims_only_briefly():
+    directory, router = _cluster(4, pending_ttl_s=10.0, completed_claim_s=1.0)
+    tokens = _tokens(12, 6)
+    router.route("r0", _keys(tokens), len(tokens), now=0.0)
+    router.complete("r0", 0, now=3.0)
+    router.expire_claims(now=3.9)
+    assert router.stats()["pending_claims"] == 1
+    router.expire_claims(now=4.1)
+    assert router.stats()["pending_claims"] == 0
+    assert router.route("r1", _keys(tokens), len(tokens), now=4.2).oracle_hit_tokens == 0
+
+
+def test_a_failure_ends_the_pending_claims():
     directory, router = _cluster(2)
     tokens = _tokens(10, 6)
     keys = _keys(tokens)
     router.route("r0", keys, len(tokens), now=0.0)
-    router.complete("r0", 0)
+    router.complete("r0", None)
     assert router.route("r1", keys, len(tokens), now=0.0).oracle_hit_tokens == 0
-    router.complete("r1", None)
-    assert router.route("r2", keys, len(tokens), now=0.0).oracle_hit_tokens == 0
 
 
 def test_a_stored_key_is_no_longer_pending_but_held():

@@ -27,6 +27,14 @@ Two small indexes make ``match`` cheap without a per-key index:
   cleared tier, a new epoch, an inventory, a removed worker) drop the whole cache, which later
   matches refill. Its size is bounded (oldest entries leave first).
 
+Prefixes held. The router notes every request's first key (``note_prefix``); each worker keeps
+the set of noted first keys it holds in its device pool or has pending, so ``prefixes_held``
+says in O(1) how many distinct prefixes a worker's cache serves now, which is what spreading new
+prefixes over the workers must balance. A first key is always the first key of a stored event
+(its parent is a root, which no event stores), so storing costs one lookup; removals and ended
+claims intersect with the worker's set only when it is not empty. Noted keys no worker holds are
+swept whenever the set of noted keys doubles.
+
 Sequencing. A worker incarnation is ``(worker_id, epoch)``; its batches carry ``seq`` from 0 with
 no gaps. Entries of an old epoch are never routed to: a newer epoch drops them at once.
 
@@ -35,6 +43,7 @@ Invariants (``check_invariants`` asserts them):
 * every registered worker has one slot; ``_by_slot[slot]`` is it; ``_containers[4 * slot:4 * slot
   + 4]`` are its containers; a free slot holds four empty placeholders;
 * every ``_shared`` entry equals the container bits recomputed from the containers;
+* every worker's ``prefixes`` are the noted first keys in its device set or its pending keys;
 * (not asserted: it needs to know which keys start chains) every worker holding a chain's first
   block has its bit in ``_heads`` for that key.
 * ``next_seq`` is the seq of the next batch the worker's state needs (seq of the last applied
@@ -83,7 +92,7 @@ class BlocksByTier(NamedTuple):
 
 
 class _Worker:
-    __slots__ = ("worker_id", "slot", "epoch", "next_seq", "pending", "containers", "key_sets")
+    __slots__ = ("worker_id", "slot", "epoch", "next_seq", "pending", "containers", "key_sets", "prefixes")
 
     def __init__(self, worker_id: str, slot: int, epoch: int):
         self.worker_id = worker_id
@@ -94,6 +103,15 @@ class _Worker:
         # MATCH_TIERS order. ``key_sets`` are the same, with the pending keys as a set-like view.
         self.containers: tuple[set, dict, set, set] = (set(), self.pending, set(), set())
         self.key_sets = (self.containers[0], self.pending.keys(), *self.containers[2:])
+        self.prefixes: set[BlockHash] = set()  # noted first keys held in device or pending
+
+    def drop_prefixes(self, keys: Iterable[BlockHash]) -> None:
+        """Forgets the noted first keys among ``keys`` that are no longer in device or pending."""
+        if self.prefixes:
+            device, pending = self.containers[0], self.pending
+            for key in self.prefixes.intersection(keys):
+                if key not in device and key not in pending:
+                    self.prefixes.discard(key)
 
     @property
     def slot_bit(self) -> int:
@@ -127,6 +145,8 @@ class PrefixDirectory:
         self._heads: dict[BlockHash, int] = {}
         self._heads_sweep_at = _MIN_HEADS_SWEEP
         self._shared: dict[BlockHash, int] = {}
+        self._prefixes: set[BlockHash] = set()  # noted first keys (see the module doc)
+        self._prefixes_sweep_at = _MIN_HEADS_SWEEP
 
     # -- workers ------------------------------------------------------------------------------
 
@@ -191,6 +211,8 @@ class PrefixDirectory:
                 self._discard(worker, _CONTAINER_OF_TIER[event.tier], event.block_hashes)
             elif kind is AllBlocksCleared:
                 worker.containers[_CONTAINER_OF_TIER[event.tier]].clear()
+                if event.tier == "device":
+                    worker.prefixes.intersection_update(worker.pending)
                 self._shared.clear()
             else:
                 raise TypeError(f"batch events must be BlocksStored, BlocksRemoved or AllBlocksCleared, got {kind.__name__}")
@@ -227,6 +249,8 @@ class PrefixDirectory:
         for tier_keys in worker.stored_sets():
             for key in pending.keys() & tier_keys:
                 del pending[key]
+        worker.prefixes.clear()
+        worker.prefixes.update(self._prefixes.intersection(worker.containers[0]), self._prefixes.intersection(pending))
         worker.next_seq = seq + 1
         self._shared.clear()
         if len(self._heads) > self._heads_sweep_at:
@@ -238,6 +262,8 @@ class PrefixDirectory:
         worker.containers[container_index].update(keys)
         first = keys[0]
         self._heads[first] = self._heads.get(first, 0) | worker.slot_bit
+        if container_index == 0 and first in self._prefixes:
+            worker.prefixes.add(first)
         if len(self._heads) > self._heads_sweep_at:
             self._sweep_heads()
         shared = self._shared
@@ -251,6 +277,8 @@ class PrefixDirectory:
 
     def _discard(self, worker: _Worker, container_index: int, keys: Sequence[BlockHash]) -> None:
         worker.containers[container_index].difference_update(keys)
+        if container_index == 0:
+            worker.drop_prefixes(keys)
         shared = self._shared
         if shared and not shared.keys().isdisjoint(keys):
             clear = ~(1 << (_CONTAINERS * worker.slot + container_index))
@@ -270,6 +298,8 @@ class PrefixDirectory:
         if len(self._heads) > self._heads_sweep_at:
             self._sweep_heads()
         self._heads[keys[0]] = self._heads.get(keys[0], 0) | worker.slot_bit
+        if keys[0] in self._prefixes:
+            worker.prefixes.add(keys[0])
         shared = self._shared
         if shared and not shared.keys().isdisjoint(keys):
             bit = 1 << (_CONTAINERS * worker.slot + _PENDING)
@@ -285,6 +315,7 @@ class PrefixDirectory:
 
     def _end_claims(self, worker: _Worker, keys: Collection[BlockHash]) -> None:
         deque(map(worker.pending.__delitem__, keys), maxlen=0)
+        worker.drop_prefixes(keys)
         shared = self._shared
         if shared and not shared.keys().isdisjoint(keys):
             clear = ~(1 << (_CONTAINERS * worker.slot + _PENDING))
@@ -426,6 +457,30 @@ class PrefixDirectory:
         worker = self._worker(worker_id)
         return {tier: len(worker.containers[_CONTAINER_OF_TIER[tier]]) for tier in TIERS}
 
+    def note_prefix(self, first_key: BlockHash) -> None:
+        """Notes a request's first key, so that the workers holding it count it in
+        ``prefixes_held``. Noting a key again is one lookup."""
+        if first_key in self._prefixes:
+            return
+        if len(self._prefixes) >= self._prefixes_sweep_at:
+            self._sweep_prefixes()
+        self._prefixes.add(first_key)
+        candidates = self._heads.get(first_key, 0) & self._slot_unit
+        for worker in self._workers_in(candidates):
+            if first_key in worker.containers[0] or first_key in worker.pending:
+                worker.prefixes.add(first_key)
+
+    def prefixes_held(self, worker_ids: Iterable[str]) -> list[int]:
+        """Per worker, in order: the noted first keys (distinct prefixes) it holds in its device
+        pool or has pending there. O(1) per worker."""
+        return list(map(len, self.prefix_sets(worker_ids)))
+
+    def prefix_sets(self, worker_ids: Iterable[str]) -> list[set[BlockHash]]:
+        """Per worker, in order: the set behind ``prefixes_held``, a live view that stays the
+        worker's until it is removed (read it, never change it)."""
+        workers = self._workers
+        return [workers[w].prefixes for w in worker_ids]
+
     def next_seq(self, worker_id: str) -> int:
         """The seq of the batch the worker's entries need next."""
         return self._worker(worker_id).next_seq
@@ -455,6 +510,7 @@ class PrefixDirectory:
         for container in worker.stored_sets():
             container.clear()
         worker.pending.clear()
+        worker.prefixes.clear()
         worker.epoch = epoch
         worker.next_seq = 0
         self._shared.clear()
@@ -495,6 +551,12 @@ class PrefixDirectory:
         self._heads = live
         self._heads_sweep_at = max(2 * len(live), _MIN_HEADS_SWEEP)
 
+    def _sweep_prefixes(self) -> None:
+        """Keeps the noted first keys some worker holds in device or pending; called once the set
+        has doubled since the last sweep, so its cost is amortised over as many notes."""
+        self._prefixes = set().union(*(worker.prefixes for worker in self._workers.values()))
+        self._prefixes_sweep_at = max(2 * len(self._prefixes), _MIN_HEADS_SWEEP)
+
     def check_invariants(self) -> None:
         assert len(self._by_slot) == len(self._slot_ids) and len(self._containers) == _CONTAINERS * len(self._by_slot)
         unit = 0
@@ -507,6 +569,8 @@ class PrefixDirectory:
             assert self._slot_ids[slot] == worker.worker_id
             assert all(c is e for c, e in zip(containers, worker.containers)), "slot containers must be the worker's"
             assert worker.epoch >= 0 and worker.next_seq >= 0
+            held = (worker.containers[0] | worker.pending.keys()) & self._prefixes
+            assert worker.prefixes == held, f"prefixes held by {worker.worker_id} are stale"
             unit |= worker.slot_bit
         assert len(self._workers) == sum(w is not None for w in self._by_slot)
         assert unit == self._slot_unit

@@ -15,21 +15,30 @@ host, disk); a hit never covers the last prompt token, as in the engine. ``tier_
 cached token as a fraction of a computed one: a device or pending hit is free, a host or disk hit
 costs its copy. ``queue_weight`` (< 1) says a token of queued work delays a request less than a
 token it must compute itself (continuous batching overlaps them), and keeps a prefix group on its
-worker through momentary load instead of computing the prefix twice. The minimum wins; exact ties
+worker through momentary load instead of computing the prefix twice. A pending hit also takes its
+tokens off the worker's queued work (down to none): that work computes the very blocks the
+request would wait for, and compute itself on any other worker, so it is no reason to go
+elsewhere. The minimum wins; exact ties
 rotate, so load spreads.
 
-A request whose first block no worker holds *seeds* a prefix: it goes to the worker that seeded
-the fewest prefixes among those whose cost is within one full prefill (``num_tokens``) of the
-least. Members that follow go to the prefix's worker (a hit is cheaper than a miss elsewhere), so
-prefix groups spread evenly over the workers and their caches add up, at any concurrency: with
-every worker idle (concurrency 1) the seeding count alone decides, and under load the slack
-keeps a momentary queue from deciding where a prefix group will live.
+A request whose first block no worker holds *seeds* a prefix: it goes to the worker holding the
+fewest prefixes (distinct first keys in device or pending, per the directory) among those whose
+cost is within one full prefill (``num_tokens``) of the least. Members that follow go to the prefix's worker (a hit is
+cheaper than a miss elsewhere), so prefix groups spread evenly over the workers and their caches
+add up, at any concurrency: with every worker idle (concurrency 1) the prefixes held alone decide,
+and under load the slack keeps a momentary queue from deciding where a prefix group will live.
+What decides is what the workers hold now, not how prefixes were routed before: a cleared cache,
+an eviction, a worker that joins later or requests sent with another policy leave no history.
 
 *Pending* blocks: a routed request's keys beyond the chosen worker's hit are claimed pending on
 it in the directory (as good as a device hit), so the rest of a burst sharing a new prefix follows
 the first request before the worker has reported anything. A claim ends when the worker stores
-the key, when the request completes or fails, when the worker is removed, or ``pending_ttl_s``
-after the route.
+the key, when the request fails, when the worker is removed, or ``pending_ttl_s`` after the
+route. A request that completes keeps its claims for ``completed_claim_s`` more (or until the
+TTL, if sooner): it may finish before its worker's next event batch says where its blocks went,
+and the next member of its group must still find them. ``expire_claims`` ends the claims whose
+time is up; ``route`` calls it. ``worker_cleared`` ends a worker's claims of completed requests
+at once, when its device pool was emptied.
 
 ``choose`` is the decision alone (match and scoring, nothing recorded); ``route`` is ``choose``
 plus the pending claims and the bookkeeping below.
@@ -42,9 +51,10 @@ bookkeeping holds only requests that have neither completed nor failed.
 
 from __future__ import annotations
 
+import heapq
 import random
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import compress, repeat
@@ -104,14 +114,17 @@ class _WorkerState:
         return load.queued_prefill_tokens + self.unreported_tokens + decode_tokens_per_request * requests
 
 
-class _InFlight:
-    __slots__ = ("worker_id", "predicted_hit_tokens", "pending_keys", "pending_deadline")
+class _InFlight(NamedTuple):
+    worker_id: str
+    predicted_hit_tokens: int
 
-    def __init__(self, worker_id: str, predicted_hit_tokens: int, pending_keys: Sequence[BlockHash], pending_deadline: float):
-        self.worker_id = worker_id
-        self.predicted_hit_tokens = predicted_hit_tokens
-        self.pending_keys = pending_keys
-        self.pending_deadline = pending_deadline
+
+class _Claim(NamedTuple):
+    """A request's pending keys on its worker, until ``deadline`` (seconds, monotonic)."""
+
+    worker_id: str
+    keys: Sequence[BlockHash]
+    deadline: float
 
 
 _NO_HIT = BlocksByTier()
@@ -140,7 +153,8 @@ class Router:
         seed: int = 0,
         tier_costs: Mapping[str, float] | None = None,
         pending_ttl_s: float = 10.0,
-        queue_weight: float = 0.5,
+        completed_claim_s: float = 1.0,
+        queue_weight: float = 0.25,
         decode_tokens_per_request: float = 4.0,
     ):
         if not isinstance(block_size, int) or block_size < 1:
@@ -151,6 +165,8 @@ class Router:
             raise ValueError(f"Router.tier_costs must map each of {MATCH_TIERS} to a fraction in [0, 1], got {costs}")
         if not pending_ttl_s > 0:
             raise ValueError(f"Router.pending_ttl_s must be > 0 (seconds), got {pending_ttl_s!r}")
+        if not completed_claim_s >= 0:
+            raise ValueError(f"Router.completed_claim_s must be >= 0 (seconds), got {completed_claim_s!r}")
         if not 0 <= queue_weight <= 1:
             raise ValueError(f"Router.queue_weight must be in [0, 1], got {queue_weight!r}")
         if not decode_tokens_per_request >= 0:
@@ -159,20 +175,23 @@ class Router:
         self.block_size = block_size
         self.policy = policy
         self.pending_ttl_s = float(pending_ttl_s)
+        self.completed_claim_s = float(completed_claim_s)
         self.queue_weight = float(queue_weight)
         self.decode_tokens_per_request = float(decode_tokens_per_request)
         # Tokens a cached block saves against a miss, per tier, in BlocksByTier order.
         self._saved_per_block = tuple(block_size * (1.0 - costs[tier]) for tier in MATCH_TIERS)
         self._random = random.Random(seed)
         # Routable workers in a fixed order, and per worker (same index) queue_weight * queued
-        # tokens and prefixes seeded: plain lists, so scoring every worker runs at C speed.
+        # tokens and the directory's set of prefixes it holds: plain lists, so scoring every
+        # worker runs at C speed.
         self._order: list[str] = []
         self._index: dict[str, int] = {}
         self._queue_costs: list[float] = []
-        self._seeded: list[int] = []
+        self._prefix_sets: list[set[BlockHash]] = []
         self._states: dict[str, _WorkerState] = {}
         self._in_flight: dict[str, _InFlight] = {}
-        self._deadlines: deque[tuple[float, str]] = deque()  # (deadline, request id), route order
+        self._claims: dict[str, _Claim] = {}  # request id -> its pending keys
+        self._deadlines: list[tuple[float, str]] = []  # a heap of (deadline, request id)
         self._next_round_robin = 0
         self._next_tie = 0
         self._decisions: Counter[str] = Counter()
@@ -191,7 +210,7 @@ class Router:
         self._index[worker_id] = len(self._order)
         self._order.append(worker_id)
         self._queue_costs.append(0.0)
-        self._seeded.append(0)
+        self._prefix_sets.extend(self.directory.prefix_sets([worker_id]))
 
     def remove_worker(self, worker_id: str) -> None:
         """Stops routing to a worker and forgets its in-flight requests and their pending claims."""
@@ -200,8 +219,10 @@ class Router:
         for request_id in [r for r, f in self._in_flight.items() if f.worker_id == worker_id]:
             self._forget(request_id)
             self._totals["dropped"] += 1
+        for request_id in [r for r, c in self._claims.items() if c.worker_id == worker_id]:
+            self._end_claim(request_id)
         index = self._index.pop(worker_id)
-        del self._order[index], self._queue_costs[index], self._seeded[index], self._states[worker_id]
+        del self._order[index], self._queue_costs[index], self._prefix_sets[index], self._states[worker_id]
         self._index = {w: i for i, w in enumerate(self._order)}
 
     def report_load(self, worker_id: str, load: WorkerLoad, received_request_ids: Sequence[str] = ()) -> None:
@@ -235,8 +256,7 @@ class Router:
         if request_id in self._in_flight:
             raise ValueError(f"request_id {request_id!r} is already in flight")
         now = time.monotonic() if now is None else now
-        if self._deadlines and self._deadlines[0][0] <= now:
-            self._expire(now)
+        self.expire_claims(now)
         choice = self.choose(keys, num_tokens, policy=policy, worker=worker)
         policy = self.policy if policy is None else policy
         # The rotations advance per route, so choose() alone never changes a later choice.
@@ -248,13 +268,14 @@ class Router:
         prefill = num_tokens - choice.saved_tokens
         index = self._index[chosen]
         cost = prefill + self._queue_costs[index]
-        if not choice.oracle_blocks:
-            self._seeded[index] += 1
+        if request_id in self._claims:
+            self._end_claim(request_id)  # an id reused after it completed
+        if keys:
+            self.directory.note_prefix(keys[0])
         pending_keys = keys[counts.num_blocks :]
         self.directory.mark_pending(chosen, pending_keys, request_id)
-        deadline = now + self.pending_ttl_s
-        self._deadlines.append((deadline, request_id))
-        self._in_flight[request_id] = _InFlight(chosen, predicted, pending_keys, deadline)
+        self._claim(request_id, _Claim(chosen, pending_keys, now + self.pending_ttl_s))
+        self._in_flight[request_id] = _InFlight(chosen, predicted)
         state = self._states[chosen]
         state.unreported[request_id] = prefill
         state.unreported_tokens += prefill
@@ -281,17 +302,27 @@ class Router:
         max_blocks = min(len(keys), (num_tokens - 1) // self.block_size)
         held = self.directory.match(keys[:max_blocks]) if max_blocks else {}
         saved: dict[str, float] = {}  # holder -> prefill tokens its cached blocks save
+        waits_for: dict[str, float] = {}  # holder -> tokens of its pending hit (queued already)
         oracle_blocks = 0
         device, pending, host, disk = self._saved_per_block
         for counts, holders in held.items():
             saved.update(dict.fromkeys(holders, counts[0] * device + counts[1] * pending + counts[2] * host + counts[3] * disk))
+            if counts[1]:
+                waits_for.update(dict.fromkeys(holders, counts[1] * self.block_size))
             if any(map(self._states.__contains__, holders)):
                 oracle_blocks = max(oracle_blocks, counts.num_blocks)
 
         if worker is not None:
             chosen = worker
         elif policy == "prefix":
-            chosen = self._cheapest(saved, num_tokens, seeding=not oracle_blocks)
+            credit = saved
+            if waits_for:
+                credit = saved.copy()
+                for worker_id, tokens in waits_for.items():
+                    index = self._index.get(worker_id)
+                    if index is not None:
+                        credit[worker_id] += min(self._queue_costs[index], self.queue_weight * tokens)
+            chosen = self._cheapest(credit, num_tokens, seeding=not oracle_blocks)
         elif policy == "least_loaded":
             chosen = self._cheapest({}, num_tokens, seeding=False)
         elif policy == "round_robin":
@@ -307,7 +338,8 @@ class Router:
         return RouteChoice(chosen, hit, oracle_blocks, saved.get(chosen, 0.0))
 
     def _cheapest(self, saved: dict[str, float], num_tokens: int, seeding: bool) -> str:
-        """The worker of least ``queue_weight * queued - saved`` (see the module doc)."""
+        """The worker of least ``queue_weight * queued - saved``; ``saved`` is each holder's credit
+        (see the module doc)."""
         costs = self._queue_costs
         if len(saved) * 4 < len(costs):  # a few holders: adjust a copy
             costs = costs.copy()
@@ -322,21 +354,30 @@ class Router:
             return self._order[costs.index(best)]
         limit = best + num_tokens if seeding else best
         candidates = list(compress(range(len(costs)), map(le, costs, repeat(limit))))
-        if seeding:
-            seeded = list(map(self._seeded.__getitem__, candidates))
-            candidates = list(compress(candidates, map(eq, seeded, repeat(min(seeded)))))
+        if seeding and len(candidates) > 1:
+            held = list(map(len, map(self._prefix_sets.__getitem__, candidates)))
+            candidates = list(compress(candidates, map(eq, held, repeat(min(held)))))
         return self._order[candidates[self._next_tie % len(candidates)]]
 
-    def complete(self, request_id: str, actual_hit_tokens: int | None) -> None:
+    def complete(self, request_id: str, actual_hit_tokens: int | None, *, now: float | None = None) -> None:
         """Records a finished request's actual hit (tokens served from cache), or a failure
-        (``None``), and forgets it. An unknown or already forgotten request is ignored."""
+        (``None``), and forgets it; its pending claims end now on a failure, and
+        ``completed_claim_s`` after ``now`` (monotonic seconds) on a success. An unknown or
+        already forgotten request is ignored."""
         record = self._in_flight.get(request_id)
         if record is None:
             return
         self._forget(request_id)
+        claim = self._claims.get(request_id)
         if actual_hit_tokens is None:
+            if claim is not None:
+                self._end_claim(request_id)
             self._totals["failed"] += 1
             return
+        if claim is not None:
+            now = time.monotonic() if now is None else now
+            if now + self.completed_claim_s < claim.deadline:
+                self._claim(request_id, claim._replace(deadline=now + self.completed_claim_s))
         self._totals["completed"] += 1
         self._totals["completed_predicted_hit_tokens"] += record.predicted_hit_tokens
         self._totals["actual_hit_tokens"] += actual_hit_tokens
@@ -350,6 +391,7 @@ class Router:
         return {
             "decisions": dict(self._decisions),
             "in_flight": len(self._in_flight),
+            "pending_claims": len(self._claims),
             "completed": t["completed"],
             "failed": t["failed"],
             "dropped": t["dropped"],
@@ -371,8 +413,8 @@ class Router:
         self._queue_costs[self._index[worker_id]] = self.queue_weight * queued
 
     def _forget(self, request_id: str) -> None:
+        """Drops an in-flight request's queued work; its pending claim is ended apart."""
         record = self._in_flight.pop(request_id)
-        self.directory.end_pending(record.worker_id, record.pending_keys, request_id)
         state = self._states.get(record.worker_id)
         if state is not None and request_id in state.unreported:
             state.unreported_tokens -= state.unreported.pop(request_id)
@@ -380,15 +422,32 @@ class Router:
                 state.unreported_tokens = 0.0
             self._refresh(record.worker_id)
 
-    def _expire(self, now: float) -> None:
-        """Ends the pending claims whose deadline has passed (deadlines arrive in route order)."""
+    def worker_cleared(self, worker_id: str) -> None:
+        """A worker emptied its device pool: the claims its completed requests left are void
+        (those of requests still running stay: they compute their blocks again)."""
+        for request_id in [r for r, c in self._claims.items() if c.worker_id == worker_id and r not in self._in_flight]:
+            self._end_claim(request_id)
+
+    def expire_claims(self, now: float | None = None) -> None:
+        """Ends the pending claims whose time is up at ``now`` (monotonic seconds)."""
         deadlines = self._deadlines
+        if not deadlines:
+            return
+        now = time.monotonic() if now is None else now
         while deadlines and deadlines[0][0] <= now:
-            deadline, request_id = deadlines.popleft()
-            record = self._in_flight.get(request_id)
-            if record is not None and record.pending_deadline == deadline:
-                self.directory.end_pending(record.worker_id, record.pending_keys, request_id)
-                record.pending_keys = ()
+            deadline, request_id = heapq.heappop(deadlines)
+            claim = self._claims.get(request_id)
+            if claim is not None and claim.deadline == deadline:
+                self._end_claim(request_id)
+
+    def _claim(self, request_id: str, claim: _Claim) -> None:
+        """Records (or moves the deadline of) a request's claim; its keys are marked already."""
+        self._claims[request_id] = claim
+        heapq.heappush(self._deadlines, (claim.deadline, request_id))
+
+    def _end_claim(self, request_id: str) -> None:
+        claim = self._claims.pop(request_id)
+        self.directory.end_pending(claim.worker_id, claim.keys, request_id)
 
 
 def _check_policy(policy: str) -> str:
