@@ -31,6 +31,13 @@ class RequestOutput:
 
 
 @dataclass
+class ClusterRequestOutput(RequestOutput):
+    """A ``RequestOutput`` served by a cluster, with the id of the ``worker`` that served it."""
+
+    worker: str
+
+
+@dataclass
 class CompletionDelta:
     """What one request produced in one engine step, for streaming.
 

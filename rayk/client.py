@@ -1,0 +1,500 @@
+"""The driver API: ``rayk.Cluster`` starts a deployment, ``rayk.connect`` attaches to one.
+
+A deployment is a coordinator actor (``rayk-coordinator``) and cache workers (``rayk-worker-0``,
+…), all named and detached in one Ray namespace. The driver tokenizes and hashes every prompt
+itself, with the hasher of the workers' model, asks the coordinator where to send it (block keys
+only), then calls that worker directly: tokens and KV never pass through the coordinator.
+
+A request whose worker dies is routed again (twice at most) to a live worker.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import ray
+
+from rayk.cluster.coordinator import COORDINATOR_NAME, Coordinator
+from rayk.cluster.routing import RouteDecision, Router
+from rayk.cluster.worker import CacheWorker, worker_actor_name
+from rayk.config import EngineConfig
+from rayk.engine.llm_engine import prompt_token_ids
+from rayk.hashing import BlockHash, BlockHasher
+from rayk.llm import as_prompt_batch, render_conversations, sampling_params_for
+from rayk.model.loader import DEFAULT_MODEL
+from rayk.outputs import ClusterRequestOutput, CompletionDelta, RequestOutput
+from rayk.sampling_params import SamplingParams
+
+# Stats leaves that describe a worker rather than count something: equal across workers, not summed.
+_PER_WORKER_CONSTANTS = {"block_size", "bytes_per_token", "bytes_per_block", "device", "attention_backend", "directory", "node_id", "actor_name", "epoch"}
+_RETRIES = 2
+
+
+@dataclass
+class _Request:
+    request_id: str
+    token_ids: list[int]
+    params: SamplingParams
+    cache_salt: str | None
+    keys: list[BlockHash]
+    worker: str | None
+    routing: str | None
+
+
+class Cluster:
+    """A rayk deployment: one coordinator and ``num_workers`` cache workers.
+
+    With no ``address`` and no Ray running, it starts an embedded Ray bound to 127.0.0.1; with an
+    ``address`` it joins that Ray cluster; when Ray is already initialized it uses it.
+    ``num_workers`` defaults to the cluster's GPUs (one worker each), or 2 in CPU mode.
+    ``options`` are ``rayk.LLM``'s (``block_size``, ``num_device_blocks``, ``host_blocks``,
+    ``disk_dir`` — each worker gets its own subdirectory —, …). Leaving the ``with`` block shuts
+    down what it started.
+    """
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        *,
+        num_workers: int | None = None,
+        routing: str = "prefix",
+        address: str | None = None,
+        namespace: str = "rayk",
+        device: str = "auto",
+        liveness_timeout_s: float = 3.0,
+        **options,
+    ):
+        if routing not in Router.POLICIES:
+            raise ValueError(f"routing must be one of {Router.POLICIES}, got {routing!r}")
+        if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1):
+            raise ValueError(f"num_workers must be an int >= 1 or None, got {num_workers!r}")
+        if device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda' (each worker gets one GPU), got {device!r}")
+        config = EngineConfig.from_options(model, device=device, **options)
+        self._started_ray = _init_ray(address, namespace)
+        self.namespace = namespace
+        try:
+            if _find_actor(COORDINATOR_NAME, namespace) is not None:
+                raise ValueError(f"a rayk deployment is already running in namespace {namespace!r}: use rayk.connect(namespace={namespace!r})")
+            coordinator = Coordinator.options(
+                name=COORDINATOR_NAME, namespace=namespace, lifetime="detached", max_restarts=-1, num_cpus=0
+            ).remote(config.cache.block_size, routing, liveness_timeout_s)
+            ray.get(coordinator.config.remote())
+            started = self._start_workers(config, num_workers, device)
+        except BaseException:
+            _kill_deployment(namespace)
+            if self._started_ray:
+                ray.shutdown()
+            raise
+        self._owns_deployment = True
+        self._attach(started)
+
+    def _start_workers(self, config: EngineConfig, num_workers: int | None, device: str) -> list[str]:
+        """Starts the workers; returns their ids once each has loaded its model."""
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        if device == "cuda" and gpus == 0:
+            raise ValueError("device='cuda', but the Ray cluster has no GPU")
+        use_gpu = device != "cpu" and gpus > 0
+        num_workers = num_workers or (gpus if use_gpu else 2)
+        if use_gpu:
+            placement, num_threads = {"num_gpus": 1, "num_cpus": 1}, 1
+            config = dataclasses.replace(config, model=dataclasses.replace(config.model, device="cuda"))
+        else:
+            # Workers may outnumber cores: each takes a share, and torch gets one thread per whole core.
+            num_cpus = min(1.0, resources.get("CPU", 1) / num_workers)
+            placement, num_threads = {"num_cpus": num_cpus}, max(1, int(num_cpus))
+            config = dataclasses.replace(config, model=dataclasses.replace(config.model, device="cpu"))
+        workers = []
+        for i in range(num_workers):
+            worker_id = f"worker-{i}"
+            worker_config = config
+            if config.cache.disk_dir is not None:
+                disk_dir = os.path.join(config.cache.disk_dir, worker_id)
+                worker_config = dataclasses.replace(config, cache=dataclasses.replace(config.cache, disk_dir=disk_dir))
+            workers.append(
+                CacheWorker.options(
+                    name=worker_actor_name(worker_id), namespace=self.namespace, lifetime="detached", scheduling_strategy="SPREAD", **placement
+                ).remote(worker_id, worker_config, COORDINATOR_NAME, self.namespace, num_threads)
+            )
+        for i, ref in enumerate([w.info.remote() for w in workers]):
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError as error:
+                raise RuntimeError(f"worker-{i} failed to start: {error}") from error
+        return [f"worker-{i}" for i in range(num_workers)]
+
+    @classmethod
+    def _connect(cls, namespace: str, address: str | None) -> Cluster:
+        self = cls.__new__(cls)
+        self._started_ray = _init_ray(address, namespace)
+        self.namespace = namespace
+        if _find_actor(COORDINATOR_NAME, namespace) is None:
+            if self._started_ray:
+                ray.shutdown()
+            raise ValueError(f"no rayk deployment is running in namespace {namespace!r} (no actor named {COORDINATOR_NAME!r})")
+        self._owns_deployment = False
+        self._attach()
+        return self
+
+    def _attach(self, expected: Sequence[str] = ()) -> None:
+        self._coordinator = ray.get_actor(COORDINATOR_NAME, namespace=self.namespace)
+        self._workers: dict[str, ray.actor.ActorHandle] = {}
+        self._lock = threading.Lock()
+        self._retry_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="rayk-retry")
+        worker_ids = self._wait_for_workers(expected)
+        info = ray.get(self._worker(worker_ids[0]).info.remote())
+        self.hasher = BlockHasher(info["fingerprint"], info["block_size"], info["hash_algorithm"])
+        self.tokenizer = info["tokenizer"]
+        self.vocab_size = info["vocab_size"]
+        self.max_model_len = info["max_model_len"]
+        self._closed = False
+
+    def _wait_for_workers(self, expected: Sequence[str], timeout_s: float = 30.0) -> list[str]:
+        """The live workers, once the coordinator has heard from every ``expected`` one (from at
+        least one, when none is expected)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            worker_ids = ray.get(self._coordinator.workers.remote())
+            if worker_ids and set(expected) <= set(worker_ids):
+                return worker_ids
+            if time.monotonic() > deadline:
+                missing = sorted(set(expected) - set(worker_ids)) or "any worker"
+                raise RuntimeError(f"the coordinator heard from {worker_ids} but not {missing} within {timeout_s} s")
+            time.sleep(0.05)
+
+    def _worker(self, worker_id: str):
+        with self._lock:
+            handle = self._workers.get(worker_id)
+            if handle is None:
+                handle = self._workers[worker_id] = ray.get_actor(worker_actor_name(worker_id), namespace=self.namespace)
+            return handle
+
+    def workers(self) -> list[str]:
+        """The ids of the live workers, as the coordinator sees them."""
+        return ray.get(self._coordinator.workers.remote())
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        cache_salt: str | None = None,
+        worker: str | None = None,
+        routing: str | None = None,
+    ) -> list[ClusterRequestOutput]:
+        """Generates for every prompt across the cluster; outputs in prompt order. Every prompt
+        is checked before any is sent: one bad prompt raises and none runs."""
+        requests = self._prepare(prompts, sampling_params, cache_salt, worker, routing)
+        futures = [concurrent.futures.Future() for _ in requests]
+        self._dispatch(requests, futures, _RETRIES)
+        return [f.result() for f in futures]
+
+    def submit(
+        self,
+        prompt: str | Sequence[int],
+        sampling_params: SamplingParams | None = None,
+        *,
+        cache_salt: str | None = None,
+        worker: str | None = None,
+        routing: str | None = None,
+    ) -> concurrent.futures.Future:
+        """Sends one prompt; returns a future of its ``ClusterRequestOutput``."""
+        requests = self._prepare([prompt], sampling_params, cache_salt, worker, routing)
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._dispatch(requests, [future], _RETRIES)
+        return future
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        sampling_params: SamplingParams | None = None,
+        *,
+        cache_salt: str | None = None,
+        worker: str | None = None,
+        routing: str | None = None,
+    ) -> Iterator[CompletionDelta]:
+        """Yields the prompt's deltas as its worker produces them; the last carries the output."""
+        [request] = self._prepare([prompt], sampling_params, cache_salt, worker, routing)
+        [decision] = self._route([request])
+        if isinstance(decision, Exception):
+            raise decision
+        hit = None
+        try:
+            generator = self._worker(decision.worker_id).stream.remote(request.token_ids, request.params, request.cache_salt, request.request_id)
+            for ref in generator:
+                delta = ray.get(ref)
+                if delta.finished:
+                    hit = delta.output.num_cached_tokens
+                    delta = dataclasses.replace(delta, output=_cluster_output(delta.output, decision.worker_id))
+                yield delta
+        finally:
+            self._coordinator.complete.remote([(request.request_id, hit)])
+
+    def chat(
+        self,
+        messages,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+        cache_salt: str | None = None,
+        worker: str | None = None,
+        routing: str | None = None,
+    ) -> list[ClusterRequestOutput]:
+        """Replies to one conversation or a list of them (see ``rayk.LLM.chat``)."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer, so no chat template; pass token ids to generate()")
+        prompts = render_conversations(self.tokenizer, messages, add_generation_prompt)
+        return self.generate(prompts, sampling_params, cache_salt=cache_salt, worker=worker, routing=routing)
+
+    def _prepare(self, prompts, sampling_params, cache_salt, worker, routing) -> list[_Request]:
+        self._check_open()
+        if routing is not None and routing not in Router.POLICIES:
+            raise ValueError(f"routing must be one of {Router.POLICIES}, got {routing!r}")
+        if worker is not None and not isinstance(worker, str):
+            raise TypeError(f"worker must be a worker id string such as 'worker-0', got {type(worker).__name__}")
+        batch = as_prompt_batch(prompts)
+        params = sampling_params_for(batch, sampling_params)
+        requests = []
+        for i, (prompt, sp) in enumerate(zip(batch, params)):
+            where = "prompt" if len(batch) == 1 else f"prompts[{i}]"
+            if not isinstance(sp, SamplingParams):
+                raise TypeError(f"sampling params for {where} must be a rayk.SamplingParams, got {type(sp).__name__}")
+            token_ids = prompt_token_ids(prompt, self.tokenizer, self.vocab_size, where, cache_salt)
+            if len(token_ids) + sp.max_tokens > self.max_model_len:
+                raise ValueError(
+                    f"{where} has {len(token_ids)} tokens and max_tokens is {sp.max_tokens}: "
+                    f"{len(token_ids) + sp.max_tokens} exceeds max_model_len {self.max_model_len}"
+                )
+            keys = self.hasher.hash_blocks(token_ids, cache_salt)
+            requests.append(_Request(uuid.uuid4().hex, token_ids, sp, cache_salt, keys, worker, routing))
+        return requests
+
+    def _route(self, requests: list[_Request]) -> list[RouteDecision | Exception]:
+        batch = [(r.request_id, r.keys, len(r.token_ids), r.routing, r.worker) for r in requests]
+        return ray.get(self._coordinator.route_many.remote(batch))
+
+    def _dispatch(self, requests: list[_Request], futures: list[concurrent.futures.Future], retries: int) -> None:
+        """Routes the requests and sends each to its worker; each future gets its output or error."""
+        decisions = self._route(requests)
+        errors = [d for d in decisions if isinstance(d, Exception)]
+        if errors:
+            # Nothing is sent when any request cannot be routed (an unknown worker, no workers).
+            self._coordinator.complete.remote([(d.request_id, None) for d in decisions if not isinstance(d, Exception)])
+            raise errors[0]
+        for request, future, decision in zip(requests, futures, decisions):
+            handle = self._worker(decision.worker_id)
+            ref = handle.generate.remote(request.token_ids, request.params, request.cache_salt, request.request_id)
+            ref.future().add_done_callback(
+                lambda done, request=request, future=future, decision=decision: self._finish(done, request, future, decision, retries)
+            )
+
+    def _finish(self, done: concurrent.futures.Future, request: _Request, future: concurrent.futures.Future, decision: RouteDecision, retries: int) -> None:
+        try:
+            output: RequestOutput = done.result()
+        except ray.exceptions.ActorDiedError as error:
+            self._coordinator.complete.remote([(request.request_id, None)])
+            self._coordinator.remove_worker.remote(decision.worker_id)
+            if retries and request.worker is None:
+                request.request_id = uuid.uuid4().hex
+                self._retry_pool.submit(self._retry, request, future, retries - 1)
+            else:
+                future.set_exception(RuntimeError(f"worker {decision.worker_id} died serving the request: {error}"))
+            return
+        except BaseException as error:
+            self._coordinator.complete.remote([(request.request_id, None)])
+            future.set_exception(error)
+            return
+        self._coordinator.complete.remote([(request.request_id, output.num_cached_tokens)])
+        future.set_result(_cluster_output(output, decision.worker_id))
+
+    def _retry(self, request: _Request, future: concurrent.futures.Future, retries: int) -> None:
+        try:
+            self._dispatch([request], [future], retries)
+        except BaseException as error:
+            future.set_exception(error)
+
+    # -- statistics ---------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        """Cluster-wide statistics as a plain dict.
+
+        ``workers``: per worker id, its engine's stats plus ``node_id``, ``actor_name``,
+        ``epoch``, ``load`` and ``reporter``; ``cluster``: the same keys summed over the workers (rates recomputed);
+        ``directory``: blocks in the coordinator's directory, and per worker; ``routing``: the
+        router's decisions, predicted against actual hits, and hits against the oracle.
+        """
+        self._check_open()
+        worker_ids = self.workers()
+        per_worker = dict(zip(worker_ids, ray.get([self._worker(w).stats.remote() for w in worker_ids])))
+        coordinator = ray.get(self._coordinator.stats.remote())
+        return {
+            "workers": per_worker,
+            "cluster": _sum_stats(list(per_worker.values())),
+            "directory": coordinator["directory"],
+            "routing": coordinator["routing"],
+            "liveness": coordinator["liveness"],
+        }
+
+    # -- manual memory control: one worker (worker=) or every worker --------------------------
+
+    def warm(self, prompts, *, cache_salt: str | None = None, worker: str | None = None) -> list[ClusterRequestOutput]:
+        """Computes the prompts' KV ahead of traffic on ``worker``, or on every worker."""
+        params = SamplingParams(temperature=0, max_tokens=1)
+        targets = [worker] if worker is not None else self.workers()
+        return [o for w in targets for o in self.generate(prompts, params, cache_salt=cache_salt, worker=w)]
+
+    def evict(self, target, *, cache_salt: str | None = None, worker: str | None = None):
+        return self._control("evict", worker, self._keys(target, cache_salt))
+
+    def pin(self, target, *, cache_salt: str | None = None, worker: str | None = None):
+        return self._control("pin", worker, self._keys(target, cache_salt))
+
+    def unpin(self, target, *, cache_salt: str | None = None, worker: str | None = None):
+        return self._control("unpin", worker, self._keys(target, cache_salt))
+
+    def offload(self, target, tier: str = "host", *, cache_salt: str | None = None, worker: str | None = None):
+        return self._control("offload", worker, self._keys(target, cache_salt), tier)
+
+    def prefetch(self, target, tier: str = "device", *, cache_salt: str | None = None, worker: str | None = None):
+        return self._control("prefetch", worker, self._keys(target, cache_salt), tier)
+
+    def set_budget(self, tier: str, num_bytes: int, *, worker: str | None = None):
+        if isinstance(num_bytes, bool) or not isinstance(num_bytes, int) or num_bytes < 0:
+            raise ValueError(f"num_bytes must be an int >= 0, got {num_bytes!r}")
+        return self._control("set_budget", worker, tier, num_bytes)
+
+    def set_eviction_policy(self, policy, *, worker: str | None = None):
+        return self._control("set_eviction_policy", worker, policy)
+
+    def reset_prefix_cache(self, tiers: Sequence[str] = ("device", "host", "disk"), *, worker: str | None = None):
+        return self._control("reset_prefix_cache", worker, list(tiers) if not isinstance(tiers, str) else tiers)
+
+    def block_hashes(self, prompt: str | Sequence[int], *, cache_salt: str | None = None) -> list[BlockHash]:
+        """The keys of a prompt's full blocks, as every worker names them."""
+        return self.hasher.hash_blocks(prompt_token_ids(prompt, self.tokenizer, self.vocab_size, "prompt", cache_salt), cache_salt)
+
+    def _keys(self, target, cache_salt) -> list[BlockHash]:
+        if isinstance(target, bytes):
+            return [target]
+        if isinstance(target, (list, tuple)) and target and all(isinstance(k, bytes) for k in target):
+            return list(target)
+        return self.block_hashes(target, cache_salt=cache_salt)
+
+    def _control(self, name: str, worker: str | None, *args):
+        """The control's result on ``worker``, or a dict of results per worker id."""
+        self._check_open()
+        known = self.workers()
+        if worker is not None:
+            if worker not in known:
+                raise ValueError(f"unknown worker {worker!r}; live workers: {known}")
+            return ray.get(self._worker(worker).control.remote(name, *args))
+        return dict(zip(known, ray.get([self._worker(w).control.remote(name, *args) for w in known])))
+
+    # -- lifetime -----------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Stops the deployment: every worker (spilling to its disk tier) and the coordinator;
+        and the embedded Ray, when this object started it. Calling it twice is a no-op."""
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        self._retry_pool.shutdown(wait=False)
+        _kill_deployment(self.namespace)
+        if self._started_ray:
+            ray.shutdown()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this rayk cluster handle is shut down")
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._owns_deployment:
+            self.shutdown()
+
+
+def connect(namespace: str = "rayk", address: str | None = None) -> Cluster:
+    """Attaches to the rayk deployment running in ``namespace``; a ValueError if none is."""
+    return Cluster._connect(namespace, address)
+
+
+def _init_ray(address: str | None, namespace: str) -> bool:
+    """Makes sure this process is connected to Ray; True when it started an embedded Ray."""
+    if ray.is_initialized():
+        return False
+    if address is None:
+        # The embedded default binds to loopback: nothing is reachable from other machines.
+        ray.init(namespace=namespace, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+        return True
+    ray.init(address=address, namespace=namespace)
+    return False
+
+
+def _find_actor(name: str, namespace: str):
+    try:
+        return ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return None
+
+
+def _kill_deployment(namespace: str) -> None:
+    """Shuts down and kills every rayk actor in the namespace: workers first, then the coordinator."""
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == namespace]
+    workers = [n for n in names if n.startswith("rayk-worker-")]
+    handles = [h for h in (_find_actor(n, namespace) for n in workers) if h is not None]
+    try:
+        ray.get([h.shutdown.remote() for h in handles], timeout=60)
+    except ray.exceptions.RayError:
+        pass  # a dead or stuck worker is killed below all the same
+    for handle in handles:
+        ray.kill(handle, no_restart=True)
+    coordinator = _find_actor(COORDINATOR_NAME, namespace)
+    if coordinator is not None:
+        ray.kill(coordinator, no_restart=True)
+
+
+def _cluster_output(output: RequestOutput, worker_id: str) -> ClusterRequestOutput:
+    return ClusterRequestOutput(**{f.name: getattr(output, f.name) for f in dataclasses.fields(RequestOutput)}, worker=worker_id)
+
+
+def _sum_stats(per_worker: list[dict]) -> dict:
+    """The workers' stats summed leaf by leaf (constants kept, rates recomputed from the sums)."""
+    total = _sum_tree(per_worker)
+    prefix = total.get("prefix_cache")
+    if prefix:
+        prefix["hit_rate"] = prefix["hit_tokens"] / prefix["query_tokens"] if prefix["query_tokens"] else 0.0
+    pool = total.get("device_pool")
+    if pool:
+        allocated = pool["used_blocks"] * pool["block_size"]
+        pool["internal_fragmentation"] = pool["unused_slots"] / allocated if allocated else 0.0
+    return total
+
+
+def _sum_tree(values: list):
+    first = values[0]
+    if isinstance(first, dict):
+        keys = dict.fromkeys(k for v in values if isinstance(v, dict) for k in v)
+        return {k: (_constant([v.get(k) for v in values]) if k in _PER_WORKER_CONSTANTS else _sum_tree([v.get(k) for v in values if v.get(k) is not None] or [None])) for k in keys}
+    if isinstance(first, bool) or first is None or isinstance(first, str):
+        return _constant(values)
+    if isinstance(first, (int, float)):
+        return sum(values)
+    return _constant(values)
+
+
+def _constant(values: list):
+    """The value all workers share, or the sorted list of their different values."""
+    distinct = {repr(v): v for v in values}
+    return next(iter(distinct.values())) if len(distinct) == 1 else sorted(distinct.values(), key=repr)

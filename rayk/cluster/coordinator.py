@@ -1,0 +1,192 @@
+"""The coordinator: one named, detached, restartable actor that routes every request.
+
+``CoordinatorState`` is the whole logic, plain Python: the prefix directory, the router, and
+which workers are alive. ``Coordinator`` is the Ray actor around it.
+
+* Workers report event batches and load every ~10 ms and at least every heartbeat. A report
+  from a worker or epoch it does not know registers that incarnation and asks for its inventory;
+  so does a gap in ``seq``. Entries of an old epoch are never routed to.
+* Liveness: a worker silent for ``liveness_timeout_s`` is dead: it leaves the directory and the
+  routing table. The actor checks every ``liveness_timeout_s / 4``, so a dead worker is gone at
+  most 1.25 × ``liveness_timeout_s`` after its last report.
+* After a restart the state is empty: workers are learned from their next report (within one
+  heartbeat), with their inventories. Until then requests are routed without cache knowledge
+  (to the least loaded worker the coordinator knows), never to wrong data: a worker confirms
+  every hit against the block's tokens.
+* Tokens and KV bytes never pass through it: the driver sends block keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import ray
+
+from rayk.cache.events import AllBlocksCleared, KVEventBatch
+from rayk.cluster.directory import PrefixDirectory
+from rayk.cluster.routing import RouteDecision, Router, WorkerLoad
+from rayk.hashing import BlockHash
+
+COORDINATOR_NAME = "rayk-coordinator"
+
+
+@dataclass
+class _Member:
+    epoch: int
+    last_report: float
+
+
+class CoordinatorState:
+    def __init__(self, block_size: int, routing: str = "prefix", liveness_timeout_s: float = 3.0):
+        self.block_size = block_size
+        self.liveness_timeout_s = liveness_timeout_s
+        self.directory = PrefixDirectory()
+        self.router = Router(self.directory, block_size, routing)
+        self.members: dict[str, _Member] = {}
+        self.num_dead_workers = 0
+        self.num_inventories = 0
+
+    # -- workers ------------------------------------------------------------------------------
+
+    def report(
+        self, worker_id: str, epoch: int, batches: Sequence[KVEventBatch], load: WorkerLoad, received: Sequence[str], now: float | None = None
+    ) -> bool:
+        """Takes a worker's report; True when the coordinator wants that worker's inventory."""
+        now = time.monotonic() if now is None else now
+        member = self.members.get(worker_id)
+        wants_inventory = False
+        if member is None or epoch > member.epoch:
+            self.directory.register(worker_id, epoch)
+            if member is None:
+                self.router.add_worker(worker_id)
+            member = self.members[worker_id] = _Member(epoch, now)
+            wants_inventory = True
+        elif epoch < member.epoch:
+            return False  # a report of an old incarnation: nothing of it is routed to
+        member.last_report = now
+        for batch in batches:
+            if not self.directory.apply(worker_id, epoch, batch):
+                wants_inventory = True
+            elif any(type(e) is AllBlocksCleared and e.tier == "device" for e in batch.events):
+                self.router.worker_cleared(worker_id)
+        self.router.report_load(worker_id, load, received)
+        return wants_inventory
+
+    def load_inventory(self, worker_id: str, epoch: int, seq: int, inventory: dict[str, list[BlockHash]]) -> None:
+        member = self.members.get(worker_id)
+        if member is None or member.epoch != epoch:
+            return
+        self.directory.load_inventory(worker_id, epoch, seq, inventory)
+        self.num_inventories += 1
+
+    def remove_worker(self, worker_id: str) -> bool:
+        """Forgets a worker (dead, or shut down); False if it was not known."""
+        if self.members.pop(worker_id, None) is None:
+            return False
+        self.directory.remove(worker_id)
+        self.router.remove_worker(worker_id)
+        return True
+
+    def expire(self, now: float | None = None) -> list[str]:
+        """Removes the workers silent for longer than ``liveness_timeout_s``, and ends the pending
+        claims whose time is up; returns the removed workers' ids."""
+        now = time.monotonic() if now is None else now
+        self.router.expire_claims(now)
+        dead = [w for w, m in self.members.items() if now - m.last_report > self.liveness_timeout_s]
+        for worker_id in dead:
+            self.remove_worker(worker_id)
+        self.num_dead_workers += len(dead)
+        return dead
+
+    def workers(self) -> list[str]:
+        return sorted(self.members)
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def route(
+        self, request_id: str, keys: Sequence[BlockHash], num_tokens: int, policy: str | None = None, worker: str | None = None
+    ) -> RouteDecision:
+        return self.router.route(request_id, keys, num_tokens, policy=policy, worker=worker)
+
+    def complete(self, results: Sequence[tuple[str, int | None]]) -> None:
+        """(request id, actual hit tokens, or None for a failed request) for finished requests."""
+        for request_id, actual_hit_tokens in results:
+            self.router.complete(request_id, actual_hit_tokens)
+
+    def stats(self) -> dict:
+        self.router.expire_claims()
+        return {
+            "directory": {
+                "blocks": self.directory.num_blocks,
+                "workers": self.directory.blocks_per_worker(),
+                "prefixes": dict(zip(self.workers(), self.directory.prefixes_held(self.workers()))),
+            },
+            "routing": self.router.stats(),
+            "liveness": {
+                "workers": self.workers(),
+                "dead_workers": self.num_dead_workers,
+                "inventories": self.num_inventories,
+                "liveness_timeout_s": self.liveness_timeout_s,
+            },
+        }
+
+
+@ray.remote
+class Coordinator:
+    """The actor around ``CoordinatorState``. It runs on an asyncio loop: calls run one at a time,
+    and a background task removes silent workers."""
+
+    def __init__(self, block_size: int, routing: str, liveness_timeout_s: float):
+        self.state = CoordinatorState(block_size, routing, liveness_timeout_s)
+        self._watcher: asyncio.Task | None = None
+
+    def _watch(self) -> None:
+        if self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._expire_forever())
+
+    async def _expire_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.state.liveness_timeout_s / 4)
+            self.state.expire()
+
+    async def report(self, worker_id, epoch, batches, load, received) -> bool:
+        self._watch()
+        return self.state.report(worker_id, epoch, batches, load, received)
+
+    async def load_inventory(self, worker_id, epoch, seq, inventory) -> None:
+        self.state.load_inventory(worker_id, epoch, seq, inventory)
+
+    async def route(self, request_id, keys, num_tokens, policy=None, worker=None) -> RouteDecision:
+        self._watch()
+        return self.state.route(request_id, keys, num_tokens, policy, worker)
+
+    async def route_many(self, requests) -> list[RouteDecision | Exception]:
+        """Routes a batch in order, (request id, keys, num_tokens, policy, worker) each; a request
+        that cannot be routed gets its error in its place."""
+        self._watch()
+        decisions = []
+        for request in requests:
+            try:
+                decisions.append(self.state.route(*request))
+            except (ValueError, RuntimeError) as error:
+                decisions.append(error)
+        return decisions
+
+    async def complete(self, results) -> None:
+        self.state.complete(results)
+
+    async def remove_worker(self, worker_id) -> bool:
+        return self.state.remove_worker(worker_id)
+
+    async def workers(self) -> list[str]:
+        self._watch()
+        return self.state.workers()
+
+    async def stats(self) -> dict:
+        return self.state.stats()
+
+    async def config(self) -> dict:
+        return {"block_size": self.state.block_size, "routing": self.state.router.policy, "liveness_timeout_s": self.state.liveness_timeout_s}

@@ -1,0 +1,121 @@
+"""A worker's reports to the coordinator: its KV event batches and load, batched in time.
+
+Every ``interval_s`` (about 10 ms) the reporter sends what the engine loop collected since the
+last report: event batches (in ``seq`` order), the load, and the ids of requests received. It
+sends sooner when the loop says enough block events are waiting (``report_ready``), and at least every ``heartbeat_s`` even when
+nothing happened: the coordinator takes a silent worker for dead.
+
+``flush`` sends at once what the loop has collected and returns when it is sent: a memory
+control (a reset, an eviction) returns only when the coordinator's directory shows it, so the
+next request is routed on what the cache holds now.
+
+When the coordinator answers that it needs the worker's inventory (it restarted, never saw this
+worker, or saw a gap in ``seq``), the reporter takes it between two steps and sends it. A report
+that fails (the coordinator is restarting) is dropped: the coordinator sees the gap in ``seq``
+and asks for the inventory, so nothing is lost for good.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from rayk.cache.events import KVEventBatch
+from rayk.cluster.engine_loop import EngineLoop
+from rayk.cluster.routing import WorkerLoad
+from rayk.hashing import BlockHash
+
+# (event batches, load, received request ids) -> whether the coordinator wants the inventory
+SendReport = Callable[[Sequence[KVEventBatch], WorkerLoad, Sequence[str]], bool]
+# (seq of the last batch it includes, keys per tier)
+SendInventory = Callable[[int, dict[str, list[BlockHash]]], None]
+
+logger = logging.getLogger(__name__)
+
+
+class EventReporter:
+    def __init__(
+        self,
+        loop: EngineLoop,
+        send_report: SendReport,
+        send_inventory: SendInventory,
+        interval_s: float = 0.01,
+        heartbeat_s: float = 0.5,
+    ):
+        self.loop = loop
+        self.send_report = send_report
+        self.send_inventory = send_inventory
+        self.interval_s = interval_s
+        self.heartbeat_s = heartbeat_s
+        self.num_reports = 0
+        self.num_failed_reports = 0
+        self.num_inventories = 0
+        self._stop = threading.Event()
+        self._flushes = threading.Condition()
+        self._flush_requested = 0  # flushes asked for, and the last one a report has covered
+        self._flushed = 0
+        self._thread = threading.Thread(target=self._run, name="rayk-event-reporter", daemon=True)
+        self._thread.start()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Sends what the engine loop has collected so far and waits for it to be sent (or for
+        the attempt to fail: the coordinator then asks for the inventory). False on a timeout."""
+        with self._flushes:
+            self._flush_requested += 1
+            target = self._flush_requested
+        self.loop.report_ready.set()
+        with self._flushes:
+            return self._flushes.wait_for(lambda: self._flushed >= target or self._stop.is_set(), timeout)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.loop.report_ready.set()
+        self._thread.join()
+        with self._flushes:
+            self._flushes.notify_all()
+
+    def _covered(self, flush: int) -> None:
+        with self._flushes:
+            self._flushed = flush
+            self._flushes.notify_all()
+
+    def _run(self) -> None:
+        last_sent = 0.0
+        pending: list[KVEventBatch] = []
+        received: list[str] = []
+        while not self._stop.is_set():
+            if self.loop.report_ready.wait(self.interval_s):
+                self.loop.report_ready.clear()
+            with self._flushes:
+                flush = self._flush_requested  # what this report covers: taken before the report
+            batches, load, new_received = self.loop.take_report()
+            pending += batches
+            received += new_received
+            now = time.monotonic()
+            if not pending and not received and now - last_sent < self.heartbeat_s:
+                self._covered(flush)
+                continue
+            last_sent = now
+            try:
+                wants_inventory = self.send_report(pending, load, received)
+                self.num_reports += 1
+            except Exception:
+                self.num_failed_reports += 1
+                logger.warning("report to the coordinator failed; it will ask for the inventory", exc_info=True)
+                pending, received = [], []
+                self._covered(flush)
+                continue
+            pending, received = [], []
+            self._covered(flush)
+            if wants_inventory:
+                self._send_inventory()
+
+    def _send_inventory(self) -> None:
+        try:
+            seq, inventory = self.loop.call(lambda engine: engine.inventory()).result()
+            self.send_inventory(seq, inventory)
+            self.num_inventories += 1
+        except Exception:
+            logger.warning("sending the inventory failed; the next report asks again", exc_info=True)
