@@ -164,6 +164,27 @@ def test_connect_attaches_to_the_running_deployment_and_refuses_an_empty_namespa
         rayk.connect(namespace="rayk-nobody-here")
 
 
+def test_a_restarted_coordinator_rebuilds_the_directory_from_the_workers_inventories(fresh, tiny_llama_dir):
+    prompt = random_prompts([50], seed=850)[0]
+    first = fresh.generate(prompt, GREEDY)[0]
+    ray.kill(ray.get_actor("rayk-coordinator", namespace=NAMESPACE), no_restart=False)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            stats = fresh.stats()
+        except ray.exceptions.RayActorError:
+            time.sleep(0.1)
+            continue
+        if stats["liveness"]["inventories"] >= NUM_WORKERS and stats["directory"]["blocks"]:
+            break
+        time.sleep(0.1)
+    assert sorted(stats["liveness"]["workers"]) == [f"worker-{i}" for i in range(NUM_WORKERS)]
+    assert stats["routing"]["decisions"] == {}, "the restarted coordinator starts empty"
+    again = fresh.generate(prompt, GREEDY)[0]
+    assert again.worker == first.worker and again.num_cached_tokens == 48
+    assert again.token_ids == first.token_ids == hf_greedy(tiny_llama_dir, [prompt], GREEDY.max_tokens)[0]
+
+
 def test_a_dead_worker_leaves_the_directory_and_its_requests_go_elsewhere(cluster, tiny_llama_dir):
     """Last in the module: it kills a worker."""
     prompt = random_prompts([50], seed=900)[0]
