@@ -56,6 +56,7 @@ ROOT = bytes(16)
 TIER_BIT = {tier: index for index, tier in enumerate(TIERS)}
 SIDES = ("rayk_choose", "rayk_route", "baseline_choose", "baseline_route")
 QUANTILES = (("p50", 0.5), ("p99", 0.99))
+ROUTE_INTERVAL_S = 0.001  # 1,000 routes/s: a claim of a completed request lasts 1,000 routes
 
 
 @dataclass
@@ -240,9 +241,13 @@ def run_round(workload: Workload, num_workers: int, prompts: dict[str, list], lo
             router.add_worker(worker_id)
             router.report_load(worker_id, load)
         clock = time.perf_counter_ns
+        # Routes arrive every ROUTE_INTERVAL_S on a simulated clock and complete at once, so the
+        # pending claims they leave expire as they would in a live deployment.
+        now = 0.0
         for i, (keys, num_tokens) in enumerate(prompts["warmup"]):
-            decision = router.route(f"warmup-{i}", keys, num_tokens, now=0.0)
-            router.complete(decision.request_id, decision.predicted_hit_tokens)
+            now += ROUTE_INTERVAL_S
+            decision = router.route(f"warmup-{i}", keys, num_tokens, now=now)
+            router.complete(decision.request_id, decision.predicted_hit_tokens, now=now)
         samples = []
         for keys, num_tokens in prompts["choose"]:
             start = clock()
@@ -251,10 +256,11 @@ def run_round(workload: Workload, num_workers: int, prompts: dict[str, list], lo
         result["rayk_choose_us"] = samples
         samples = []
         for i, (keys, num_tokens) in enumerate(prompts["route"]):
+            now += ROUTE_INTERVAL_S
             start = clock()
-            decision = router.route(f"r{i}", keys, num_tokens, now=0.0)
+            decision = router.route(f"r{i}", keys, num_tokens, now=now)
             samples.append((clock() - start) / 1000)
-            router.complete(decision.request_id, decision.predicted_hit_tokens)
+            router.complete(decision.request_id, decision.predicted_hit_tokens, now=now)
         result["rayk_route_us"] = samples
         directory.check_invariants()
 
