@@ -5,7 +5,8 @@ A deployment is a coordinator actor (``rayk-coordinator``) and cache workers (``
 itself, with the hasher of the workers' model, asks the coordinator where to send it (block keys
 only), then calls that worker directly: tokens and KV never pass through the coordinator.
 
-A request whose worker dies is routed again (twice at most) to a live worker.
+A request whose worker dies is routed again (twice at most) to a live worker (``generate``,
+``submit`` and ``chat``; not a ``stream``, which may have yielded part of its output already).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from dataclasses import dataclass
 
 import ray
 
-from rayk.cluster.coordinator import COORDINATOR_NAME, Coordinator
+from rayk.cluster.coordinator import COORDINATOR_NAME, MIN_LIVENESS_TIMEOUT_S, Coordinator
+from rayk.cluster.reporting import HEARTBEAT_S
 from rayk.cluster.routing import RouteDecision, Router
 from rayk.cluster.worker import CacheWorker, worker_actor_name
 from rayk.config import EngineConfig
@@ -32,9 +34,11 @@ from rayk.model.loader import DEFAULT_MODEL
 from rayk.outputs import ClusterRequestOutput, CompletionDelta, RequestOutput
 from rayk.sampling_params import SamplingParams
 
-# Stats leaves that describe a worker rather than count something: equal across workers, not summed.
-_PER_WORKER_CONSTANTS = {"block_size", "bytes_per_token", "bytes_per_block", "device", "attention_backend", "directory", "node_id", "actor_name", "epoch"}
+# Numeric stats leaves that describe a worker rather than count something: not summed (strings never are).
+_PER_WORKER_CONSTANTS = {"block_size", "bytes_per_token", "bytes_per_block", "epoch"}
 _RETRIES = 2
+WORKER_MAX_RESTARTS = 3
+"""Ray restarts a worker that crashed this many times at most; each incarnation has a new epoch."""
 
 
 @dataclass
@@ -77,24 +81,31 @@ class Cluster:
             raise ValueError(f"num_workers must be an int >= 1 or None, got {num_workers!r}")
         if device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda' (each worker gets one GPU), got {device!r}")
+        if isinstance(liveness_timeout_s, bool) or not isinstance(liveness_timeout_s, (int, float)) or not liveness_timeout_s >= MIN_LIVENESS_TIMEOUT_S:
+            raise ValueError(
+                f"liveness_timeout_s must be a number of seconds >= {MIN_LIVENESS_TIMEOUT_S} (twice the workers' "
+                f"{HEARTBEAT_S} s heartbeat), got {liveness_timeout_s!r}"
+            )
         config = EngineConfig.from_options(model, device=device, **options)
         self._started_ray = _init_ray(address, namespace)
         self.namespace = namespace
+        if _find_actor(COORDINATOR_NAME, namespace) is not None:
+            if self._started_ray:
+                ray.shutdown()
+            raise ValueError(f"a rayk deployment is already running in namespace {namespace!r}: use rayk.connect(namespace={namespace!r})")
         try:
-            if _find_actor(COORDINATOR_NAME, namespace) is not None:
-                raise ValueError(f"a rayk deployment is already running in namespace {namespace!r}: use rayk.connect(namespace={namespace!r})")
             coordinator = Coordinator.options(
                 name=COORDINATOR_NAME, namespace=namespace, lifetime="detached", max_restarts=-1, num_cpus=0
-            ).remote(config.cache.block_size, routing, liveness_timeout_s)
+            ).remote(config.cache.block_size, routing, float(liveness_timeout_s))
             ray.get(coordinator.config.remote())
             started = self._start_workers(config, num_workers, device)
+            self._owns_deployment = True
+            self._attach(started)
         except BaseException:
             _kill_deployment(namespace)
             if self._started_ray:
                 ray.shutdown()
             raise
-        self._owns_deployment = True
-        self._attach(started)
 
     def _start_workers(self, config: EngineConfig, num_workers: int | None, device: str) -> list[str]:
         """Starts the workers; returns their ids once each has loaded its model."""
@@ -104,13 +115,16 @@ class Cluster:
             raise ValueError("device='cuda', but the Ray cluster has no GPU")
         use_gpu = device != "cpu" and gpus > 0
         num_workers = num_workers or (gpus if use_gpu else 2)
+        if use_gpu and num_workers > gpus:
+            raise ValueError(f"num_workers={num_workers}, but the Ray cluster has {gpus} GPU(s): one worker per GPU (device='cpu' runs more on the CPUs)")
         if use_gpu:
             placement, num_threads = {"num_gpus": 1, "num_cpus": 1}, 1
             config = dataclasses.replace(config, model=dataclasses.replace(config.model, device="cuda"))
         else:
-            # Workers may outnumber cores: each takes a share, and torch gets one thread per whole core.
-            num_cpus = min(1.0, resources.get("CPU", 1) / num_workers)
-            placement, num_threads = {"num_cpus": num_cpus}, max(1, int(num_cpus))
+            # Each worker reserves its share of the CPUs, at most one (so that workers outnumbering
+            # the cores still place), and torch gets one thread per whole core of its share.
+            share = resources.get("CPU", 1) / num_workers
+            placement, num_threads = {"num_cpus": min(1.0, share)}, max(1, int(share))
             config = dataclasses.replace(config, model=dataclasses.replace(config.model, device="cpu"))
         workers = []
         for i in range(num_workers):
@@ -121,7 +135,12 @@ class Cluster:
                 worker_config = dataclasses.replace(config, cache=dataclasses.replace(config.cache, disk_dir=disk_dir))
             workers.append(
                 CacheWorker.options(
-                    name=worker_actor_name(worker_id), namespace=self.namespace, lifetime="detached", scheduling_strategy="SPREAD", **placement
+                    name=worker_actor_name(worker_id),
+                    namespace=self.namespace,
+                    lifetime="detached",
+                    scheduling_strategy="SPREAD",
+                    max_restarts=WORKER_MAX_RESTARTS,
+                    **placement,
                 ).remote(worker_id, worker_config, COORDINATOR_NAME, self.namespace, num_threads)
             )
         for i, ref in enumerate([w.info.remote() for w in workers]):
@@ -223,12 +242,15 @@ class Cluster:
         worker: str | None = None,
         routing: str | None = None,
     ) -> Iterator[CompletionDelta]:
-        """Yields the prompt's deltas as its worker produces them; the last carries the output."""
+        """Yields the prompt's deltas as its worker produces them; the last carries the output.
+        Unlike ``generate``, a stream is not sent again when its worker dies (part of it has been
+        yielded already): the error reaches the caller. A caller that stops reading early cancels
+        the request on the worker."""
         [request] = self._prepare([prompt], sampling_params, cache_salt, worker, routing)
         [decision] = self._route([request])
         if isinstance(decision, Exception):
             raise decision
-        hit = None
+        hit = generator = None
         try:
             generator = self._worker(decision.worker_id).stream.remote(request.token_ids, request.params, request.cache_salt, request.request_id)
             for ref in generator:
@@ -238,6 +260,11 @@ class Cluster:
                     delta = dataclasses.replace(delta, output=_cluster_output(delta.output, decision.worker_id))
                 yield delta
         finally:
+            if hit is None and generator is not None:
+                try:
+                    ray.cancel(generator)  # the worker aborts the request
+                except ray.exceptions.RayError:
+                    pass  # it ended meanwhile
             self._coordinator.complete.remote([(request.request_id, hit)])
 
     def chat(
@@ -291,9 +318,14 @@ class Cluster:
             # Nothing is sent when any request cannot be routed (an unknown worker, no workers).
             self._coordinator.complete.remote([(d.request_id, None) for d in decisions if not isinstance(d, Exception)])
             raise errors[0]
-        for request, future, decision in zip(requests, futures, decisions):
-            handle = self._worker(decision.worker_id)
-            ref = handle.generate.remote(request.token_ids, request.params, request.cache_salt, request.request_id)
+        for sent, (request, future, decision) in enumerate(zip(requests, futures, decisions)):
+            try:
+                handle = self._worker(decision.worker_id)
+                ref = handle.generate.remote(request.token_ids, request.params, request.cache_salt, request.request_id)
+            except BaseException:
+                # The rest were routed but will never run: the coordinator must not wait for them.
+                self._coordinator.complete.remote([(d.request_id, None) for d in decisions[sent:]])
+                raise
             ref.future().add_done_callback(
                 lambda done, request=request, future=future, decision=decision: self._finish(done, request, future, decision, retries)
             )
@@ -304,11 +336,15 @@ class Cluster:
         except ray.exceptions.ActorDiedError as error:
             self._coordinator.complete.remote([(request.request_id, None)])
             self._coordinator.remove_worker.remote(decision.worker_id)
+            failure = RuntimeError(f"worker {decision.worker_id} died serving the request: {error}")
             if retries and request.worker is None:
                 request.request_id = uuid.uuid4().hex
-                self._retry_pool.submit(self._retry, request, future, retries - 1)
+                try:
+                    self._retry_pool.submit(self._retry, request, future, retries - 1)
+                except RuntimeError:  # this handle is shutting down: no retry
+                    future.set_exception(failure)
             else:
-                future.set_exception(RuntimeError(f"worker {decision.worker_id} died serving the request: {error}"))
+                future.set_exception(failure)
             return
         except BaseException as error:
             self._coordinator.complete.remote([(request.request_id, None)])
@@ -330,8 +366,11 @@ class Cluster:
 
         ``workers``: per worker id, its engine's stats plus ``node_id``, ``actor_name``,
         ``epoch``, ``load`` and ``reporter``; ``cluster``: the same keys summed over the workers (rates recomputed);
-        ``directory``: blocks in the coordinator's directory, and per worker; ``routing``: the
-        router's decisions, predicted against actual hits, and hits against the oracle.
+        ``directory``: ``blocks``, the distinct keys the coordinator's directory holds, ``workers``,
+        the keys per worker (a block cached on two workers counts on both, so these may add up
+        to more than ``blocks``), and ``prefixes``, the distinct prefixes per worker; ``routing``:
+        the router's decisions, predicted against actual hits, hits against the oracle, and
+        pending claims; ``liveness``: the live workers, dead ones counted, inventories loaded.
         """
         self._check_open()
         worker_ids = self.workers()
@@ -452,7 +491,7 @@ def _find_actor(name: str, namespace: str):
 def _kill_deployment(namespace: str) -> None:
     """Shuts down and kills every rayk actor in the namespace: workers first, then the coordinator."""
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == namespace]
-    workers = [n for n in names if n.startswith("rayk-worker-")]
+    workers = [n for n in names if n.startswith(worker_actor_name(""))]
     handles = [h for h in (_find_actor(n, namespace) for n in workers) if h is not None]
     try:
         ray.get([h.shutdown.remote() for h in handles], timeout=60)

@@ -156,6 +156,30 @@ def test_an_unknown_worker_and_a_bad_prompt_are_refused_before_anything_runs(clu
     assert cluster.stats()["cluster"]["requests"]["finished"] == finished
 
 
+def test_a_second_cluster_in_the_namespace_is_refused_and_the_first_keeps_serving(cluster, tiny_llama_dir):
+    with pytest.raises(ValueError, match="already running in namespace 'rayk-test-cluster'"):
+        rayk.Cluster(str(tiny_llama_dir), num_workers=1, namespace=NAMESPACE, block_size=BLOCK_SIZE)
+    assert len(cluster.workers()) == NUM_WORKERS
+    assert cluster.generate(random_prompts([12], seed=750)[0], GREEDY)[0].token_ids
+
+
+def test_bad_cluster_options_are_refused_before_anything_starts(tiny_llama_dir):
+    with pytest.raises(ValueError, match=r"liveness_timeout_s must be .* >= 1.0 .* got 0.2"):
+        rayk.Cluster(str(tiny_llama_dir), namespace="rayk-never-started", liveness_timeout_s=0.2)
+    with pytest.raises(ValueError, match="routing must be one of"):
+        rayk.Cluster(str(tiny_llama_dir), namespace="rayk-never-started", routing="nearest")
+
+
+def test_a_stream_abandoned_early_stops_generating_on_its_worker(cluster):
+    long = rayk.SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+    before = cluster.stats()["cluster"]["requests"]["generated_tokens"]
+    for _ in cluster.stream(random_prompts([10], seed=760)[0], long):
+        break  # the caller stops reading after the first delta
+    time.sleep(2.0)  # 400 tokens take longer than that here; an aborted request stops at once
+    generated = cluster.stats()["cluster"]["requests"]["generated_tokens"] - before
+    assert generated < 200, generated
+
+
 def test_connect_attaches_to_the_running_deployment_and_refuses_an_empty_namespace(cluster, tiny_llama_dir):
     attached = rayk.connect(namespace=NAMESPACE)
     prompt = random_prompts([20], seed=800)[0]

@@ -56,6 +56,10 @@ def test_an_unknown_tier_or_worker_is_an_error_naming_it():
     with pytest.raises(ValueError, match=r"'gpu'.*'device', 'host', 'disk'|'device', 'host', 'disk'.*'gpu'"):
         directory.apply("w0", 0, _batch(0, _stored(_chain("a", 1), tier="gpu")))
     assert directory.next_seq("w0") == 0, "a rejected batch changes nothing"
+    keys = _chain("b", 2)
+    with pytest.raises(TypeError, match="got str"):
+        directory.apply("w0", 0, _batch(0, _stored(keys), "not an event"))
+    assert directory.match(keys) == {} and directory.next_seq("w0") == 0, "no event of a bad batch is applied"
     with pytest.raises(ValueError, match=r"'w9'.*registered: \['w0'\]"):
         directory.apply("w9", 0, _batch(0))
     with pytest.raises(ValueError, match="inventory tiers"):

@@ -114,15 +114,18 @@ def test_the_reporter_sends_batches_in_order_heartbeats_and_the_inventory_on_req
     assert inventories and inventories[0][0] >= -1
 
 
-def test_a_failed_report_is_counted_and_reporting_goes_on(loop):
-    calls = []
+def test_a_failed_report_is_sent_again_with_the_next(loop):
+    delivered, calls = [], []
 
     def flaky(batches, load, received):
         calls.append(len(batches))
         if len(calls) == 1:
             raise ConnectionError("coordinator restarting")
+        delivered.extend(b.seq for b in batches)
         return False
 
+    _, done = _submit(loop, random_prompts([40], seed=25)[0], "a")
+    assert done.wait(30)  # its event batches wait for the reporter
     reporter = EventReporter(loop, flaky, lambda seq, inventory: None, interval_s=0.01, heartbeat_s=0.05)
     try:
         deadline = time.monotonic() + 5
@@ -131,6 +134,30 @@ def test_a_failed_report_is_counted_and_reporting_goes_on(loop):
     finally:
         reporter.close()
     assert reporter.num_failed_reports == 1 and reporter.num_reports >= 2
+    assert calls[0] > 0 and delivered == list(range(len(delivered))) and len(delivered) >= calls[0]
+
+
+def test_a_failed_loop_fails_what_waits_and_the_reporter_goes_silent(tiny_llama_dir):
+    loop = EngineLoop(rayk.LLM(tiny_llama_dir, block_size=BLOCK_SIZE)._engine)
+    reporter = EventReporter(loop, lambda batches, load, received: False, lambda seq, inventory: None, interval_s=0.01, heartbeat_s=0.05)
+    try:
+        def broken_publish():
+            raise MemoryError("simulated")
+
+        loop.engine.publish_events = broken_publish  # runs on the loop thread after any inbox work
+        assert loop.call(lambda engine: 1).result(timeout=10) == 1
+        deadline = time.monotonic() + 5
+        while loop.failed is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert isinstance(loop.failed, MemoryError)
+        with pytest.raises(RuntimeError, match="engine loop failed"):
+            loop.call(lambda engine: 2)
+        with pytest.raises(RuntimeError, match="engine loop failed"):
+            loop.submit([1, 2, 3], GREEDY, None, "late", lambda d: None)
+        reporter._thread.join(timeout=5)
+        assert not reporter._thread.is_alive(), "no heartbeat: the coordinator drops the worker"
+    finally:
+        reporter.close()
 
 
 def test_flush_returns_once_what_the_loop_collected_is_sent(loop):

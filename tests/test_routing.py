@@ -163,6 +163,16 @@ def test_prefixes_of_a_cleared_cache_do_not_decide_where_new_ones_go():
 # -- pending blocks ---------------------------------------------------------------------------
 
 
+def test_work_a_worker_never_reports_receiving_stops_counting_after_the_ttl():
+    # A driver that routed a request and never sent it (it crashed) must not load a worker forever.
+    directory, router = _cluster(2, policy="least_loaded", pending_ttl_s=5.0)
+    lost = router.route("lost", _keys(_tokens(30, 8)), 8 * BLOCK_SIZE + 3, now=0.0)
+    assert router.route("r1", _keys(_tokens(31, 8)), 8 * BLOCK_SIZE + 3, now=1.0).worker_id != lost.worker_id
+    router.complete("r1", 0, now=1.0)
+    assert router.route("r2", _keys(_tokens(32, 8)), 8 * BLOCK_SIZE + 3, now=6.0).worker_id == lost.worker_id
+    assert router.stats()["in_flight"] == 2, "it may still complete: only its load stops counting"
+
+
 def test_a_burst_sharing_a_new_prefix_goes_to_one_worker_before_it_reports():
     directory, router = _cluster(4)
     prefix = _tokens(8, 16, tail=0)

@@ -19,6 +19,7 @@ which workers are alive. ``Coordinator`` is the Ray actor around it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +32,10 @@ from rayk.cluster.routing import RouteDecision, Router, WorkerLoad
 from rayk.hashing import BlockHash
 
 COORDINATOR_NAME = "rayk-coordinator"
+MIN_LIVENESS_TIMEOUT_S = 1.0
+"""Twice the workers' heartbeat: a shorter timeout would take idle workers for dead."""
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -150,7 +155,10 @@ class Coordinator:
     async def _expire_forever(self) -> None:
         while True:
             await asyncio.sleep(self.state.liveness_timeout_s / 4)
-            self.state.expire()
+            try:
+                self.state.expire()
+            except Exception:  # liveness must outlive any one failure
+                logger.exception("expiring silent workers failed; trying again")
 
     async def report(self, worker_id, epoch, batches, load, received) -> bool:
         self._watch()

@@ -76,6 +76,7 @@ _FREE_SLOT = (frozenset(),) * _CONTAINERS
 _FLAG_TO_DIGIT = bytes.maketrans(b"\x00\x01", b"01")
 _DIGIT_TO_FLAG = bytes.maketrans(b"01", b"\x00\x01")
 _MIN_HEADS_SWEEP = 4096
+_EVENT_TYPES = (BlocksStored, BlocksRemoved, AllBlocksCleared)
 
 
 class BlocksByTier(NamedTuple):
@@ -200,7 +201,9 @@ class PrefixDirectory:
             return True
         if batch.seq > worker.next_seq:
             return False
-        for event in batch.events:
+        for event in batch.events:  # all checked before any is applied: a bad batch changes nothing
+            if type(event) not in _EVENT_TYPES:
+                raise TypeError(f"batch events must be BlocksStored, BlocksRemoved or AllBlocksCleared, got {type(event).__name__}")
             if event.tier not in _CONTAINER_OF_TIER:
                 raise ValueError(f"event tier must be one of {TIERS}, got {event.tier!r} (worker {worker_id!r}, seq {batch.seq})")
         for event in batch.events:
@@ -209,13 +212,11 @@ class PrefixDirectory:
                 self._store(worker, _CONTAINER_OF_TIER[event.tier], event.block_hashes)
             elif kind is BlocksRemoved:
                 self._discard(worker, _CONTAINER_OF_TIER[event.tier], event.block_hashes)
-            elif kind is AllBlocksCleared:
+            else:
                 worker.containers[_CONTAINER_OF_TIER[event.tier]].clear()
                 if event.tier == "device":
                     worker.prefixes.intersection_update(worker.pending)
                 self._shared.clear()
-            else:
-                raise TypeError(f"batch events must be BlocksStored, BlocksRemoved or AllBlocksCleared, got {kind.__name__}")
         worker.next_seq += 1
         return True
 

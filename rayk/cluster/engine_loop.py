@@ -8,6 +8,10 @@ Requests that arrive while a batch runs join the next step.
 Each request's deltas go to the callback given with it, called on the loop thread; a request the
 engine refuses gets its error through the same callback instead. After every step the loop
 records the worker's load and collects the step's event batch for the reporter.
+
+Should the loop itself fail (not a step: a failed step fails its requests and the loop goes on),
+it records the error in ``failed``, fails every request and call still waiting, and refuses new
+ones; the reporter then stops, so the coordinator drops the worker.
 """
 
 from __future__ import annotations
@@ -46,6 +50,9 @@ class EngineLoop:
         self._batches: list[KVEventBatch] = []
         self._received: list[str] = []
         self.load = WorkerLoad(free_blocks=engine.pool.num_free_blocks)
+        self.failed: BaseException | None = None
+        self._calls: set[concurrent.futures.Future] = set()  # calls not yet run
+        self._unadded: dict[str, DeltaCallback] = {}  # requests submitted, not yet added
         engine.subscribe(self._collect)
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="rayk-engine-loop", daemon=True)
@@ -57,6 +64,7 @@ class EngineLoop:
         """Queues a request; ``on_delta`` gets each of its deltas, or the error that refused it."""
 
         def add() -> None:
+            self._unadded.pop(request_id, None)
             try:
                 self.engine.add_request(token_ids, params, cache_salt=cache_salt, request_id=request_id)
             except Exception as error:  # a refused request must reach its caller, not stop the loop
@@ -66,7 +74,12 @@ class EngineLoop:
             with self._report_lock:
                 self._received.append(request_id)
 
-        self._post(add)
+        self._unadded[request_id] = on_delta
+        try:
+            self._post(add)
+        except RuntimeError:
+            self._unadded.pop(request_id, None)
+            raise
 
     def abort(self, request_id: str) -> None:
         def abort() -> None:
@@ -80,6 +93,7 @@ class EngineLoop:
         future: concurrent.futures.Future = concurrent.futures.Future()
 
         def run() -> None:
+            self._calls.discard(future)
             if not future.set_running_or_notify_cancel():
                 return
             try:
@@ -87,6 +101,7 @@ class EngineLoop:
             except BaseException as error:
                 future.set_exception(error)
 
+        self._calls.add(future)
         self._post(run)
         return future
 
@@ -114,6 +129,8 @@ class EngineLoop:
     # -- on the loop thread -------------------------------------------------------------------
 
     def _post(self, work: Callable[[], None]) -> None:
+        if self.failed is not None:
+            raise RuntimeError(f"this worker's engine loop failed: {self.failed!r}")
         if self._stopped:
             raise RuntimeError("this worker's engine loop is closed")
         self._inbox.put(work)
@@ -126,6 +143,21 @@ class EngineLoop:
                 self.report_ready.set()
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as error:
+            logger.exception("the engine loop failed; failing every request and call still waiting")
+            self.failed = error
+            for callback in [*self._callbacks.values(), *list(self._unadded.values())]:
+                callback(error)
+            self._callbacks.clear()
+            self._unadded.clear()
+            for future in list(self._calls):
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(error)
+            self._calls.clear()
+
+    def _serve(self) -> None:
         inbox = self._inbox
         while True:
             idle = not self.engine.has_unfinished_requests()
@@ -144,6 +176,7 @@ class EngineLoop:
                     work = False
             if ran:
                 self.engine.publish_events()  # what control calls changed, an idle engine reports too
+                self.load = _load_of(self.engine)  # the requests just added count from now on
             if self.engine.has_unfinished_requests():
                 self._step()
 

@@ -10,9 +10,13 @@ control (a reset, an eviction) returns only when the coordinator's directory sho
 next request is routed on what the cache holds now.
 
 When the coordinator answers that it needs the worker's inventory (it restarted, never saw this
-worker, or saw a gap in ``seq``), the reporter takes it between two steps and sends it. A report
-that fails (the coordinator is restarting) is dropped: the coordinator sees the gap in ``seq``
-and asks for the inventory, so nothing is lost for good.
+worker, or saw a gap in ``seq``), the reporter takes it between two steps and sends it. What a
+failed report carried (the coordinator is restarting, or slow) is sent again with the next one:
+the directory ignores batches it has applied already. Past ``MAX_UNSENT_BATCHES`` the oldest
+are dropped; the gap they leave makes the coordinator ask for the inventory.
+
+If the engine loop has failed, the reporter stops, heartbeats included: the coordinator then
+takes the worker for dead and routes nothing more to it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ SendReport = Callable[[Sequence[KVEventBatch], WorkerLoad, Sequence[str]], bool]
 # (seq of the last batch it includes, keys per tier)
 SendInventory = Callable[[int, dict[str, list[BlockHash]]], None]
 
+HEARTBEAT_S = 0.5
+"""A report at least this often (seconds), even when nothing happened."""
+MAX_UNSENT_BATCHES = 10_000
+
 logger = logging.getLogger(__name__)
 
 
@@ -42,7 +50,7 @@ class EventReporter:
         send_report: SendReport,
         send_inventory: SendInventory,
         interval_s: float = 0.01,
-        heartbeat_s: float = 0.5,
+        heartbeat_s: float = HEARTBEAT_S,
     ):
         self.loop = loop
         self.send_report = send_report
@@ -86,6 +94,10 @@ class EventReporter:
         pending: list[KVEventBatch] = []
         received: list[str] = []
         while not self._stop.is_set():
+            if self.loop.failed is not None:
+                logger.error("the engine loop failed; this worker stops reporting so that the coordinator drops it")
+                self._covered(self._flush_requested)
+                return
             if self.loop.report_ready.wait(self.interval_s):
                 self.loop.report_ready.clear()
             with self._flushes:
@@ -103,8 +115,8 @@ class EventReporter:
                 self.num_reports += 1
             except Exception:
                 self.num_failed_reports += 1
-                logger.warning("report to the coordinator failed; it will ask for the inventory", exc_info=True)
-                pending, received = [], []
+                logger.warning("report to the coordinator failed; sending it again with the next", exc_info=True)
+                del pending[:-MAX_UNSENT_BATCHES]
                 self._covered(flush)
                 continue
             pending, received = [], []

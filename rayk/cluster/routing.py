@@ -18,15 +18,15 @@ token it must compute itself (continuous batching overlaps them), and keeps a pr
 worker through momentary load instead of computing the prefix twice. A pending hit also takes its
 tokens off the worker's queued work (down to none): that work computes the very blocks the
 request would wait for, and compute itself on any other worker, so it is no reason to go
-elsewhere. The minimum wins; exact ties
-rotate, so load spreads.
+elsewhere. The minimum wins; exact ties rotate, so load spreads.
 
 A request whose first block no worker holds *seeds* a prefix: it goes to the worker holding the
 fewest prefixes (distinct first keys in device or pending, per the directory) among those whose
-cost is within one full prefill (``num_tokens``) of the least. Members that follow go to the prefix's worker (a hit is
-cheaper than a miss elsewhere), so prefix groups spread evenly over the workers and their caches
-add up, at any concurrency: with every worker idle (concurrency 1) the prefixes held alone decide,
-and under load the slack keeps a momentary queue from deciding where a prefix group will live.
+cost is within one full prefill (``num_tokens``) of the least. Members that follow go to the
+prefix's worker (a hit is cheaper than a miss elsewhere), so prefix groups spread evenly over the
+workers and their caches add up, at any concurrency: with every worker idle (concurrency 1) the
+prefixes held alone decide, and under load the slack keeps a momentary queue from deciding where
+a prefix group will live.
 What decides is what the workers hold now, not how prefixes were routed before: a cleared cache,
 an eviction, a worker that joins later or requests sent with another policy leave no history.
 
@@ -38,7 +38,9 @@ route. A request that completes keeps its claims for ``completed_claim_s`` more 
 TTL, if sooner): it may finish before its worker's next event batch says where its blocks went,
 and the next member of its group must still find them. ``expire_claims`` ends the claims whose
 time is up; ``route`` calls it. ``worker_cleared`` ends a worker's claims of completed requests
-at once, when its device pool was emptied.
+at once, when its device pool was emptied. The same TTL bounds a routed request's prefill counted
+as unreported work: a request its worker never reports receiving (its driver died before sending
+it) stops loading that worker after ``pending_ttl_s``.
 
 ``choose`` is the decision alone (match and scoring, nothing recorded); ``route`` is ``choose``
 plus the pending claims and the bookkeeping below.
@@ -274,7 +276,10 @@ class Router:
             self.directory.note_prefix(keys[0])
         pending_keys = keys[counts.num_blocks :]
         self.directory.mark_pending(chosen, pending_keys, request_id)
-        self._claim(request_id, _Claim(chosen, pending_keys, now + self.pending_ttl_s))
+        deadline = now + self.pending_ttl_s
+        if pending_keys:
+            self._claims[request_id] = _Claim(chosen, pending_keys, deadline)
+        heapq.heappush(self._deadlines, (deadline, request_id))
         self._in_flight[request_id] = _InFlight(chosen, predicted)
         state = self._states[chosen]
         state.unreported[request_id] = prefill
@@ -415,12 +420,15 @@ class Router:
     def _forget(self, request_id: str) -> None:
         """Drops an in-flight request's queued work; its pending claim is ended apart."""
         record = self._in_flight.pop(request_id)
-        state = self._states.get(record.worker_id)
+        self._drop_unreported(record.worker_id, request_id)
+
+    def _drop_unreported(self, worker_id: str, request_id: str) -> None:
+        state = self._states.get(worker_id)
         if state is not None and request_id in state.unreported:
             state.unreported_tokens -= state.unreported.pop(request_id)
             if not state.unreported:
                 state.unreported_tokens = 0.0
-            self._refresh(record.worker_id)
+            self._refresh(worker_id)
 
     def worker_cleared(self, worker_id: str) -> None:
         """A worker emptied its device pool: the claims its completed requests left are void
@@ -429,7 +437,8 @@ class Router:
             self._end_claim(request_id)
 
     def expire_claims(self, now: float | None = None) -> None:
-        """Ends the pending claims whose time is up at ``now`` (monotonic seconds)."""
+        """Ends the pending claims whose time is up at ``now`` (monotonic seconds), and stops
+        counting the work of requests routed ``pending_ttl_s`` ago that no worker reported."""
         deadlines = self._deadlines
         if not deadlines:
             return
@@ -439,6 +448,9 @@ class Router:
             claim = self._claims.get(request_id)
             if claim is not None and claim.deadline == deadline:
                 self._end_claim(request_id)
+            record = self._in_flight.get(request_id)
+            if record is not None:
+                self._drop_unreported(record.worker_id, request_id)
 
     def _claim(self, request_id: str, claim: _Claim) -> None:
         """Records (or moves the deadline of) a request's claim; its keys are marked already."""

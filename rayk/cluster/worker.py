@@ -89,21 +89,28 @@ class CacheWorker:
         event_loop = asyncio.get_running_loop()
         deltas: asyncio.Queue = asyncio.Queue()
         self.loop.submit(token_ids, params, cache_salt, request_id, lambda d: event_loop.call_soon_threadsafe(deltas.put_nowait, d))
+        ended = False  # finished or failed: nothing to abort
         try:
             while True:
                 delta = await deltas.get()
                 if isinstance(delta, BaseException):
+                    ended = True
                     raise delta
+                ended = delta.finished
                 yield delta
-                if delta.finished:
+                if ended:
                     return
-        except (asyncio.CancelledError, GeneratorExit):
-            self.loop.abort(request_id)
-            raise
+        finally:
+            if not ended:  # the caller went away (cancelled, or stopped reading)
+                try:
+                    self.loop.abort(request_id)
+                except RuntimeError:
+                    pass  # the loop is closed or failed: the request is gone with it
 
     async def control(self, name: str, *args):
         """Runs one manual control (``_CONTROLS``) between two steps and returns its result once
-        the coordinator has the events it caused."""
+        the coordinator has the events it caused (after at most 10 s of trying: a report that
+        cannot get through is sent again later, or replaced by the inventory)."""
         if name not in _CONTROLS:
             raise ValueError(f"unknown control {name!r}; known: {sorted(_CONTROLS)}")
         control = _CONTROLS[name]
