@@ -25,7 +25,7 @@ import ray
 from rayk.cluster.coordinator import COORDINATOR_NAME, MIN_LIVENESS_TIMEOUT_S, Coordinator
 from rayk.cluster.reporting import HEARTBEAT_S
 from rayk.cluster.routing import RouteDecision, Router
-from rayk.cluster.worker import CacheWorker, worker_actor_name
+from rayk.cluster.worker import WORKER_NAME_PREFIX, CacheWorker, worker_actor_name
 from rayk.config import EngineConfig
 from rayk.engine.llm_engine import prompt_token_ids
 from rayk.hashing import BlockHash, BlockHasher
@@ -491,7 +491,7 @@ def _find_actor(name: str, namespace: str):
 def _kill_deployment(namespace: str) -> None:
     """Shuts down and kills every rayk actor in the namespace: workers first, then the coordinator."""
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == namespace]
-    workers = [n for n in names if n.startswith(worker_actor_name(""))]
+    workers = [n for n in names if n.startswith(WORKER_NAME_PREFIX) and n != COORDINATOR_NAME]
     handles = [h for h in (_find_actor(n, namespace) for n in workers) if h is not None]
     try:
         ray.get([h.shutdown.remote() for h in handles], timeout=60)
