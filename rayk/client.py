@@ -93,16 +93,19 @@ class Cluster:
             if self._started_ray:
                 ray.shutdown()
             raise ValueError(f"a rayk deployment is already running in namespace {namespace!r}: use rayk.connect(namespace={namespace!r})")
+        created = False
         try:
             coordinator = Coordinator.options(
                 name=COORDINATOR_NAME, namespace=namespace, lifetime="detached", max_restarts=-1, num_cpus=0
             ).remote(config.cache.block_size, routing, float(liveness_timeout_s))
+            created = True  # from here on the namespace's actors are this call's own
             ray.get(coordinator.config.remote())
             started = self._start_workers(config, num_workers, device)
             self._owns_deployment = True
             self._attach(started)
         except BaseException:
-            _kill_deployment(namespace)
+            if created:
+                _kill_deployment(namespace)
             if self._started_ray:
                 ray.shutdown()
             raise

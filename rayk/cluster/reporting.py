@@ -69,7 +69,7 @@ class EventReporter:
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Sends what the engine loop has collected so far and waits for it to be sent (or for
-        the attempt to fail: the coordinator then asks for the inventory). False on a timeout."""
+        the attempt to fail: it goes again with the next report). False on a timeout."""
         with self._flushes:
             self._flush_requested += 1
             target = self._flush_requested
