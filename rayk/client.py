@@ -368,7 +368,8 @@ class Cluster:
         """Cluster-wide statistics as a plain dict.
 
         ``workers``: per worker id, its engine's stats plus ``node_id``, ``actor_name``,
-        ``epoch``, ``load`` and ``reporter``; ``cluster``: the same keys summed over the workers (rates recomputed);
+        ``epoch``, ``load`` and ``reporter``; ``cluster``: the same keys summed over the workers
+        (rates recomputed; empty while the coordinator knows no worker, as right after it restarted);
         ``directory``: ``blocks``, the distinct keys the coordinator's directory holds, ``workers``,
         the keys per worker (a block cached on two workers counts on both, so these may add up
         to more than ``blocks``), and ``prefixes``, the distinct prefixes per worker; ``routing``:
@@ -381,7 +382,7 @@ class Cluster:
         coordinator = ray.get(self._coordinator.stats.remote())
         return {
             "workers": per_worker,
-            "cluster": _sum_stats(list(per_worker.values())),
+            "cluster": _sum_stats(list(per_worker.values())) if per_worker else {},
             "directory": coordinator["directory"],
             "routing": coordinator["routing"],
             "liveness": coordinator["liveness"],

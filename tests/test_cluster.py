@@ -192,17 +192,18 @@ def test_a_restarted_coordinator_rebuilds_the_directory_from_the_workers_invento
     prompt = random_prompts([50], seed=850)[0]
     first = fresh.generate(prompt, GREEDY)[0]
     ray.kill(ray.get_actor("rayk-coordinator", namespace=NAMESPACE), no_restart=False)
-    deadline = time.monotonic() + 30
+    deadline, stats = time.monotonic() + 30, None
     while time.monotonic() < deadline:
         try:
-            stats = fresh.stats()
+            stats = fresh.stats()  # while it restarts: an error, then no workers, then one by one
         except ray.exceptions.RayActorError:
             time.sleep(0.1)
             continue
-        if stats["liveness"]["inventories"] >= NUM_WORKERS and stats["directory"]["blocks"]:
+        liveness = stats["liveness"]
+        if len(liveness["workers"]) == NUM_WORKERS and liveness["inventories"] >= NUM_WORKERS and stats["directory"]["blocks"]:
             break
         time.sleep(0.1)
-    assert sorted(stats["liveness"]["workers"]) == [f"worker-{i}" for i in range(NUM_WORKERS)]
+    assert stats is not None and sorted(stats["liveness"]["workers"]) == [f"worker-{i}" for i in range(NUM_WORKERS)], stats
     assert stats["routing"]["decisions"] == {}, "the restarted coordinator starts empty"
     again = fresh.generate(prompt, GREEDY)[0]
     assert again.worker == first.worker and again.num_cached_tokens == 48
