@@ -148,12 +148,14 @@ def shared_prefix_workload(args, vocab_size: int, rng: np.random.Generator) -> W
 
 
 def chat_workload(args, vocab_size: int, rng: np.random.Generator) -> Workload:
-    """Multi-turn chat: turn t of every conversation arrives before turn t + 1 of any."""
+    """Multi-turn chat: turn t of every conversation arrives before turn t + 1 of any, the
+    conversations in a new order every turn (in a fixed order, round_robin would send every turn
+    of a conversation to the same worker whenever the workers divide the conversations)."""
     requests = []
     arrivals = _poisson_arrivals(rng, args.conversations * args.turns, args.request_rate)
     for turn in range(args.turns):
         length = args.chat_first_tokens if turn == 0 else args.chat_turn_tokens
-        for conversation in range(args.conversations):
+        for conversation in rng.permutation(args.conversations).tolist():
             index = len(requests)
             requests.append(Request(index, arrivals[index], _random_tokens(rng, length, vocab_size), args.output_tokens, conversation))
     note = (
