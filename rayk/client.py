@@ -26,10 +26,11 @@ from rayk.cluster.coordinator import COORDINATOR_NAME, MIN_LIVENESS_TIMEOUT_S, C
 from rayk.cluster.reporting import HEARTBEAT_S
 from rayk.cluster.routing import RouteDecision, Router
 from rayk.cluster.worker import WORKER_NAME_PREFIX, CacheWorker, worker_actor_name
+from rayk.cache.memory_controller import check_num_bytes
 from rayk.config import EngineConfig
-from rayk.engine.llm_engine import prompt_token_ids
+from rayk.engine.llm_engine import prompt_token_ids, request_token_ids
 from rayk.hashing import BlockHash, BlockHasher
-from rayk.llm import as_prompt_batch, render_conversations, sampling_params_for
+from rayk.llm import as_prompt_batch, render_conversations, sampling_params_for, target_keys
 from rayk.model.loader import DEFAULT_MODEL
 from rayk.outputs import ClusterRequestOutput, CompletionDelta, RequestOutput
 from rayk.sampling_params import SamplingParams
@@ -297,14 +298,7 @@ class Cluster:
         requests = []
         for i, (prompt, sp) in enumerate(zip(batch, params)):
             where = "prompt" if len(batch) == 1 else f"prompts[{i}]"
-            if not isinstance(sp, SamplingParams):
-                raise TypeError(f"sampling params for {where} must be a rayk.SamplingParams, got {type(sp).__name__}")
-            token_ids = prompt_token_ids(prompt, self.tokenizer, self.vocab_size, where, cache_salt)
-            if len(token_ids) + sp.max_tokens > self.max_model_len:
-                raise ValueError(
-                    f"{where} has {len(token_ids)} tokens and max_tokens is {sp.max_tokens}: "
-                    f"{len(token_ids) + sp.max_tokens} exceeds max_model_len {self.max_model_len}"
-                )
+            token_ids = request_token_ids(prompt, sp, self.tokenizer, self.vocab_size, self.max_model_len, where, cache_salt)
             keys = self.hasher.hash_blocks(token_ids, cache_salt)
             requests.append(_Request(uuid.uuid4().hex, token_ids, sp, cache_salt, keys, worker, routing))
         return requests
@@ -412,8 +406,7 @@ class Cluster:
         return self._control("prefetch", worker, self._keys(target, cache_salt), tier)
 
     def set_budget(self, tier: str, num_bytes: int, *, worker: str | None = None):
-        if isinstance(num_bytes, bool) or not isinstance(num_bytes, int) or num_bytes < 0:
-            raise ValueError(f"num_bytes must be an int >= 0, got {num_bytes!r}")
+        check_num_bytes(num_bytes)  # refused here, before any worker is asked
         return self._control("set_budget", worker, tier, num_bytes)
 
     def set_eviction_policy(self, policy, *, worker: str | None = None):
@@ -427,11 +420,7 @@ class Cluster:
         return self.hasher.hash_blocks(prompt_token_ids(prompt, self.tokenizer, self.vocab_size, "prompt", cache_salt), cache_salt)
 
     def _keys(self, target, cache_salt) -> list[BlockHash]:
-        if isinstance(target, bytes):
-            return [target]
-        if isinstance(target, (list, tuple)) and target and all(isinstance(k, bytes) for k in target):
-            return list(target)
-        return self.block_hashes(target, cache_salt=cache_salt)
+        return target_keys(target, lambda prompt: self.block_hashes(prompt, cache_salt=cache_salt))
 
     def _control(self, name: str, worker: str | None, *args):
         """The control's result on ``worker``, or a dict of results per worker id."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from rayk.config import EngineConfig
 from rayk.engine.llm_engine import LLMEngine
@@ -11,7 +11,6 @@ from rayk.model.tokenizer import TextTokenizer
 from rayk.outputs import RequestOutput
 from rayk.profiler import Profiler
 from rayk.sampling_params import SamplingParams
-
 
 
 class LLM:
@@ -156,8 +155,6 @@ class LLM:
 
     def set_budget(self, tier: str, num_bytes: int) -> int:
         """Caps the bytes ``tier`` may use; returns the blocks it may hold now."""
-        if isinstance(num_bytes, bool) or not isinstance(num_bytes, int) or num_bytes < 0:
-            raise ValueError(f"num_bytes must be an int >= 0, got {num_bytes!r}")
         return self.engine.memory.set_budget(tier, num_bytes)
 
     def set_eviction_policy(self, policy) -> None:
@@ -173,11 +170,7 @@ class LLM:
         return self.engine.memory.load_cache(path)
 
     def _keys(self, target, cache_salt) -> list[bytes]:
-        if isinstance(target, bytes):
-            return [target]
-        if isinstance(target, (list, tuple)) and target and all(isinstance(k, bytes) for k in target):
-            return list(target)
-        return self.engine.block_hashes(target, cache_salt)
+        return target_keys(target, lambda prompt: self.engine.block_hashes(prompt, cache_salt))
 
     def close(self) -> None:
         """Persists the cache to the disk tier (when one is configured) and stops its writer;
@@ -193,6 +186,16 @@ def render_conversations(tokenizer: TextTokenizer, messages, add_generation_prom
     if isinstance(conversations, (str, bytes)) or not isinstance(conversations, Sequence) or not conversations:
         raise TypeError("messages must be a conversation (a list of {'role', 'content'} dicts) or a non-empty list of them")
     return [tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt, tokenize=True) for c in conversations]
+
+
+def target_keys(target, hash_prompt: Callable[[str | Sequence[int]], list[bytes]]) -> list[bytes]:
+    """The block keys a memory control acts on: ``target`` is a block key, a list of them, or a
+    prompt, whose keys ``hash_prompt`` gives."""
+    if isinstance(target, bytes):
+        return [target]
+    if isinstance(target, (list, tuple)) and target and all(isinstance(k, bytes) for k in target):
+        return list(target)
+    return hash_prompt(target)
 
 
 def as_prompt_batch(prompts) -> list:

@@ -108,6 +108,10 @@ def test_device_budget_sets_blocks_aside_and_gives_them_back(tiny_llama_dir, ref
         llm.set_budget("device", 2 * bytes_per_block)
     assert llm.set_budget("device", 100 * bytes_per_block) == 16
     assert llm.stats()["device_pool"]["free_blocks"] == 16
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError, match=f"num_bytes must be an int >= 0, got {bad!r}"):
+            llm.engine.memory.set_budget("device", bad)
+    assert llm.stats()["device_pool"]["free_blocks"] == 16
 
 
 def test_disk_budget_evicts_files_down_to_it(tiny_llama_dir, tmp_path):

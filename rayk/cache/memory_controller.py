@@ -204,6 +204,7 @@ class MemoryController:
         Shrinking the device or host tier sets blocks aside (demoting what they held), growing
         gives them back; the disk tier evicts files down to the new size.
         """
+        check_num_bytes(num_bytes)
         m = self.manager
         if tier == "disk":
             if m.disk is None:
@@ -310,3 +311,9 @@ class MemoryController:
                 "block size or KV layout; nothing was loaded or changed"
             )
         return snapshot
+
+
+def check_num_bytes(num_bytes) -> None:
+    """A tier budget must be a whole number of bytes, 0 or more: a ValueError naming it otherwise."""
+    if isinstance(num_bytes, bool) or not isinstance(num_bytes, int) or num_bytes < 0:
+        raise ValueError(f"num_bytes must be an int >= 0, got {num_bytes!r}")

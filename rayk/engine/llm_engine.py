@@ -85,15 +85,8 @@ class LLMEngine:
         """The prompt's token ids, or a ValueError/TypeError naming what is wrong. Changes nothing."""
         self.check_open()
         where = "prompt" if index is None else f"prompts[{index}]"
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"sampling params for {where} must be a rayk.SamplingParams, got {type(params).__name__}")
-        token_ids = self._prompt_token_ids(prompt, where, cache_salt)
-        total = len(token_ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise ValueError(
-                f"{where} has {len(token_ids)} tokens and max_tokens is {params.max_tokens}: {total} exceeds max_model_len {self.max_model_len}"
-            )
-        blocks = math.ceil(total / self.pool.block_size)
+        token_ids = request_token_ids(prompt, params, self.tokenizer, self.arch.vocab_size, self.max_model_len, where, cache_salt)
+        blocks = math.ceil((len(token_ids) + params.max_tokens) / self.pool.block_size)
         pinned = self.pool.pinned
         # The prompt's own pinned blocks serve it; only other pins take room from it.
         own_pins = sum(1 for k in self.kv_cache_manager.hasher.hash_blocks(token_ids, cache_salt) if k in pinned) if pinned else 0
@@ -307,6 +300,21 @@ class LLMEngine:
                 "lower max_model_len or raise the memory budget"
             )
         return num_blocks
+
+
+def request_token_ids(
+    prompt: str | Sequence[int], params: SamplingParams, tokenizer, vocab_size: int, max_model_len: int, where: str, cache_salt: str | bytes | None
+) -> list[int]:
+    """``prompt_token_ids``, after checking ``params`` is a SamplingParams, and checking that the
+    prompt and its ``max_tokens`` fit in ``max_model_len``: the checks of a request that need no
+    pool, for engines and drivers alike."""
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"sampling params for {where} must be a rayk.SamplingParams, got {type(params).__name__}")
+    token_ids = prompt_token_ids(prompt, tokenizer, vocab_size, where, cache_salt)
+    total = len(token_ids) + params.max_tokens
+    if total > max_model_len:
+        raise ValueError(f"{where} has {len(token_ids)} tokens and max_tokens is {params.max_tokens}: {total} exceeds max_model_len {max_model_len}")
+    return token_ids
 
 
 def prompt_token_ids(prompt: str | Sequence[int], tokenizer, vocab_size: int, where: str = "prompt", cache_salt: str | bytes | None = None) -> list[int]:
