@@ -261,17 +261,8 @@ class PrefixDirectory:
         if not keys:
             return
         worker.containers[container_index].update(keys)
-        first = keys[0]
-        self._heads[first] = self._heads.get(first, 0) | worker.slot_bit
-        if container_index == 0 and first in self._prefixes:
-            worker.prefixes.add(first)
-        if len(self._heads) > self._heads_sweep_at:
-            self._sweep_heads()
-        shared = self._shared
-        if shared and not shared.keys().isdisjoint(keys):
-            bit = 1 << (_CONTAINERS * worker.slot + container_index)
-            for key in shared.keys() & keys:
-                shared[key] |= bit
+        self._note_first(worker, keys[0], container_index == 0)
+        self._mark_shared(worker, container_index, keys, True)
         pending = worker.pending
         if pending and not pending.keys().isdisjoint(keys):
             self._end_claims(worker, pending.keys() & keys)
@@ -280,11 +271,24 @@ class PrefixDirectory:
         worker.containers[container_index].difference_update(keys)
         if container_index == 0:
             worker.drop_prefixes(keys)
+        self._mark_shared(worker, container_index, keys, False)
+
+    def _note_first(self, worker: _Worker, key: BlockHash, in_device_or_pending: bool) -> None:
+        """Records that ``worker`` holds ``key`` as the first key of a chain (``_heads``), and
+        counts it among the worker's prefixes when it is a noted first key in device or pending."""
+        self._heads[key] = self._heads.get(key, 0) | worker.slot_bit
+        if in_device_or_pending and key in self._prefixes:
+            worker.prefixes.add(key)
+        if len(self._heads) > self._heads_sweep_at:
+            self._sweep_heads()
+
+    def _mark_shared(self, worker: _Worker, container_index: int, keys: Collection[BlockHash], held: bool) -> None:
+        """Sets (``held``) or clears the worker's container bit in the cached masks of ``keys``."""
         shared = self._shared
         if shared and not shared.keys().isdisjoint(keys):
-            clear = ~(1 << (_CONTAINERS * worker.slot + container_index))
+            bit = 1 << (_CONTAINERS * worker.slot + container_index)
             for key in shared.keys() & keys:
-                shared[key] &= clear
+                shared[key] = shared[key] | bit if held else shared[key] & ~bit
 
     # -- pending ------------------------------------------------------------------------------
 
@@ -296,16 +300,8 @@ class PrefixDirectory:
         if worker is None or not keys:
             return
         worker.pending.update(zip(keys, repeat(owner)))
-        if len(self._heads) > self._heads_sweep_at:
-            self._sweep_heads()
-        self._heads[keys[0]] = self._heads.get(keys[0], 0) | worker.slot_bit
-        if keys[0] in self._prefixes:
-            worker.prefixes.add(keys[0])
-        shared = self._shared
-        if shared and not shared.keys().isdisjoint(keys):
-            bit = 1 << (_CONTAINERS * worker.slot + _PENDING)
-            for key in shared.keys() & keys:
-                shared[key] |= bit
+        self._note_first(worker, keys[0], True)
+        self._mark_shared(worker, _PENDING, keys, True)
 
     def end_pending(self, worker_id: str, keys: Sequence[BlockHash], owner: str) -> None:
         """Ends ``owner``'s claims on ``keys``; keys claimed since by another owner stay pending."""
@@ -317,11 +313,7 @@ class PrefixDirectory:
     def _end_claims(self, worker: _Worker, keys: Collection[BlockHash]) -> None:
         deque(map(worker.pending.__delitem__, keys), maxlen=0)
         worker.drop_prefixes(keys)
-        shared = self._shared
-        if shared and not shared.keys().isdisjoint(keys):
-            clear = ~(1 << (_CONTAINERS * worker.slot + _PENDING))
-            for key in shared.keys() & keys:
-                shared[key] &= clear
+        self._mark_shared(worker, _PENDING, keys, False)
 
     # -- lookup -------------------------------------------------------------------------------
 

@@ -110,6 +110,15 @@ class _WorkerState:
         self.unreported: dict[str, float] = {}  # request id -> estimated prefill tokens
         self.unreported_tokens = 0.0
 
+    def take_unreported(self, request_id: str) -> bool:
+        """Stops counting a request's prefill as unreported (its worker has it, or never will);
+        False if it was not counted."""
+        tokens = self.unreported.pop(request_id, None)
+        if tokens is None:
+            return False
+        self.unreported_tokens = self.unreported_tokens - tokens if self.unreported else 0.0  # no float drift
+        return True
+
     def queued(self, decode_tokens_per_request: float) -> float:
         load = self.load
         requests = load.num_running + load.num_waiting + len(self.unreported)
@@ -235,9 +244,7 @@ class Router:
             return
         state.load = load
         for request_id in received_request_ids:
-            state.unreported_tokens -= state.unreported.pop(request_id, 0.0)
-        if not state.unreported:
-            state.unreported_tokens = 0.0  # no float drift once nothing is unreported
+            state.take_unreported(request_id)
         self._refresh(worker_id)
 
     # -- routing ------------------------------------------------------------------------------
@@ -424,10 +431,7 @@ class Router:
 
     def _drop_unreported(self, worker_id: str, request_id: str) -> None:
         state = self._states.get(worker_id)
-        if state is not None and request_id in state.unreported:
-            state.unreported_tokens -= state.unreported.pop(request_id)
-            if not state.unreported:
-                state.unreported_tokens = 0.0
+        if state is not None and state.take_unreported(request_id):
             self._refresh(worker_id)
 
     def worker_cleared(self, worker_id: str) -> None:
