@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import rayk
-from rayk.cache.disk_tier import MAGIC, SUFFIX
+from rayk.cache.block_codec import MAGIC
+from rayk.cache.disk_tier import SUFFIX
 from rayk.cache.transfer import CopyEngine
 from tests.conftest import BLOCK_SIZE, hf_greedy, random_prompts
 
@@ -72,26 +73,42 @@ def _rewrite_header(path, **changes):
     path.write_bytes(MAGIC + len(packed).to_bytes(4, "little") + packed + data[len(MAGIC) + 4 + length :])
 
 
-def test_damaged_or_foreign_files_are_rejected_counted_and_recomputed(tiny_llama_dir, tmp_path, prompts):
+def _segment_holding(files, key):
+    """The segment file whose header lists ``key``, and that block's byte range in it."""
+    for path in files:
+        data = path.read_bytes()
+        length = int.from_bytes(data[len(MAGIC) : len(MAGIC) + 4], "little")
+        header = msgpack.unpackb(data[len(MAGIC) + 4 : len(MAGIC) + 4 + length])
+        for i, entry in enumerate(header["blocks"]):
+            if entry[0] == key:
+                start = len(MAGIC) + 4 + length + i * header["block_bytes"]
+                return path, start, start + header["block_bytes"]
+    raise AssertionError("no segment holds the key")
+
+
+def test_damaged_or_foreign_segments_are_rejected_counted_and_recomputed(tiny_llama_dir, tmp_path, prompts):
     reference = hf_greedy(tiny_llama_dir, prompts, MAX_NEW)
     first = _tiered_llm(tiny_llama_dir, tmp_path / "kv")
     _run_one_by_one(first, prompts)
+    read_back = first.engine.block_hashes(prompts[0])[0]
     first.close()
     files = sorted((tmp_path / "kv").glob("*" + SUFFIX))
     assert len(files) >= 4
-    flipped, truncated, foreign_model, foreign_block_size = files[:4]
+    flipped, start, end = _segment_holding(files, read_back)
+    truncated, foreign_model, foreign_block_size = [f for f in files if f != flipped][:3]
     data = bytearray(flipped.read_bytes())
-    data[-100] ^= 0xFF
+    data[(start + end) // 2] ^= 0xFF  # inside the payload: the header still parses
     flipped.write_bytes(bytes(data))
     truncated.write_bytes(truncated.read_bytes()[:-10])
     _rewrite_header(foreign_model, fingerprint=b"another model".ljust(32, b"\0"))
     _rewrite_header(foreign_block_size, layout={"layout": "x", "block_size": 32})
 
     second = rayk.LLM(tiny_llama_dir, block_size=BLOCK_SIZE, disk_dir=str(tmp_path / "kv"))
-    assert second.stats()["disk_tier"]["rejected_files"] == 3
+    assert second.stats()["disk_tier"]["rejected"] == 3
     outputs = second.generate(prompts, GREEDY)
     assert [o.token_ids for o in outputs] == reference
-    assert second.stats()["disk_tier"]["rejected_files"] == 4
+    assert second.stats()["disk_tier"]["rejected"] == 4  # the flipped block, found when read
+    assert outputs[0].cached_tokens_by_tier["disk"] == 0
     assert not flipped.exists() and not truncated.exists() and not foreign_model.exists() and not foreign_block_size.exists()
     second.close()
 

@@ -1,26 +1,30 @@
-"""The disk tier: KV blocks in files that outlive the process.
+"""The disk tier: KV blocks in segment files that outlive the process.
 
-One segment file per block, named by its key, in ``directory``:
+Each ``store`` call writes its blocks as one *segment*: a file in ``directory`` holding one
+block batch (``rayk.cache.block_codec``: a msgpack header with every block's key, parent key,
+depth, token ids and checksum, the model fingerprint and layout, then the blocks' payloads back
+to back). Writing many blocks per file is one sequential write instead of a file per block.
+Nothing is ever unpickled. With ``compress`` new segments hold int8 blocks with per-head scales;
+segments of either kind are read, so switching it loses nothing.
 
-    b"RAYKKV01" | header length (uint32, little-endian) | msgpack header | payload
+On start the tier rebuilds its index (key → segment and byte range) from the headers, so a new
+engine on the same directory gets hits at once. A segment whose header is refused by the codec
+(another model or layout, a damaged or cut-short file) is deleted and counted in
+``num_rejected``. A block's checksum is verified each time it is read; a block that fails it
+reads as a miss (its tokens are recomputed, never served wrong) and its whole segment, now
+suspect, is deleted and counted too.
 
-The header holds the block's key, parent key, depth, token ids, the model fingerprint, the KV
-layout (dtype, shape), the payload's compression, length and xxh3-64 checksum. Nothing is ever
-unpickled. With ``compress`` new files hold int8 blocks with per-head float32 scales
-(``rayk.cache.quantization``); files of either kind are read, so switching it loses nothing.
+Files are written by a background thread (off the request's critical path) to a temporary file
+created exclusively under an unpredictable name, never following a link, and renamed into place,
+so a crash never leaves a half-written segment under a segment's name. Blocks join the index
+once their segment is complete; a write that fails (disk full, directory gone) is logged,
+counted in ``num_write_errors`` and dropped, and the writer goes on.
 
-On start the tier rebuilds its index from the headers, so a new engine on the same directory
-gets hits at once. A file whose header does not parse, was written for another model or layout,
-or is shorter than its header says, is deleted and counted in ``num_rejected``. The payload's
-checksum is verified each time a block is read; a block that fails it is deleted and counted
-too, and reads as a miss, so its tokens are recomputed, never served wrong.
-
-Files are written by a background thread (off the request's critical path) to a temporary name
-and renamed into place, so a crash never leaves a half-written file under a block's name. A
-block joins the index once its file is complete; a write that fails (disk full, directory gone)
-is logged, counted in ``num_write_errors`` and dropped, and the writer goes on. The files' total
-size stays within ``max_bytes``; the tier's eviction policy picks the files to delete. The index,
-the byte count and the event buffer are shared with the writer and guarded by one lock.
+Space. ``num_bytes`` counts the segment files on disk and stays within ``max_bytes``. To make
+room the tier's eviction policy picks a victim block and its whole segment goes (blocks stored
+together were demoted together, so they are of an age); an explicit ``evict`` of some keys
+forgets just those, and a segment's file is deleted with its last live block. The index, the
+byte count and the event buffer are shared with the writer and guarded by one lock.
 
 ``read_only`` opens a directory (a snapshot) without writing or deleting anything in it: files
 that do not belong are counted in ``num_foreign`` and left alone.
@@ -28,44 +32,51 @@ that do not belong are counted in ``num_foreign`` and left alone.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import msgpack
+import numpy as np
 import torch
-import xxhash
 
+from rayk.cache import block_codec
+from rayk.cache.block_codec import BlockBatchError
 from rayk.cache.block_pool import BlockRecord
 from rayk.cache.events import EventBuffer
 from rayk.cache.paged_kv import KVLayout
 from rayk.cache.policies import BlockInfo, EvictionPolicy
-from rayk.cache.quantization import compressed_block_bytes, dequantize_int8, quantize_int8
-from rayk.hashing import BlockHash, token_bytes, token_ids_from_bytes
+from rayk.hashing import BlockHash
 
-MAGIC = b"RAYKKV01"
 SUFFIX = ".kvb"
 _STALE_TEMPORARY_S = 3600.0  # a temporary file this old was left by a crash, not a live writer
+_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass(eq=False)
+class _Segment:
+    path: Path
+    num_bytes: int
+    compression: str | None
+    live: set = field(default_factory=set)  # keys of the index that point into it
+
+
 @dataclass(frozen=True)
 class _Entry:
-    path: Path
+    segment: _Segment
     parent: BlockHash
     depth: int
     tokens: bytes
-    num_bytes: int
+    start: int
+    end: int
     checksum: int
-    payload_offset: int
-    compression: str | None
 
 
 class DiskTier:
@@ -87,10 +98,6 @@ class DiskTier:
             self.directory.mkdir(parents=True, exist_ok=True)
         self.layout = layout
         self.compression = "int8" if compress else None
-        self._payload_bytes = {
-            None: layout.bytes_per_block,
-            "int8": compressed_block_bytes(layout.num_layers, layout.block_size, layout.num_kv_heads, layout.head_dim),
-        }
         self.fingerprint = fingerprint
         self.max_bytes = max_bytes
         self.policy = policy
@@ -104,7 +111,7 @@ class DiskTier:
         self.num_loaded = 0
         self.num_evictions = 0
         self.num_write_errors = 0
-        self._temporary_names = itertools.count()
+        self.num_segments = 0
         self._rebuild_index()
         self._queue: queue.Queue = queue.Queue()
         self._closed = read_only
@@ -130,7 +137,7 @@ class DiskTier:
             return self.events.drain()
 
     def record(self, key: BlockHash) -> BlockRecord | None:
-        """What the file of ``key`` holds (``block`` is -1: a disk block has no slot)."""
+        """What the tier holds under ``key`` (``block`` is -1: a disk block has no slot)."""
         entry = self._index.get(key)
         return None if entry is None else BlockRecord(-1, key, entry.parent, entry.depth, entry.tokens)
 
@@ -140,57 +147,40 @@ class DiskTier:
             entry = self._index.get(key)
         if entry is None or entry.parent != parent or entry.tokens != tokens:
             return None
-        size = self._payload_bytes[entry.compression]
-        payload = torch.empty(size, dtype=torch.uint8)  # read into once: no bytes object, no copy
+        payload = np.empty(entry.end - entry.start, dtype=np.uint8)  # read into once: no bytes object
         try:
-            with entry.path.open("rb") as f:
-                f.seek(entry.payload_offset)
-                num_read = f.readinto(payload.numpy())
+            with entry.segment.path.open("rb") as f:
+                f.seek(entry.start)
+                num_read = f.readinto(payload)
         except OSError:
             num_read = -1
-        if num_read != size or xxhash.xxh3_64_intdigest(payload.numpy()) != entry.checksum:
+        if num_read != len(payload) or not block_codec.verified(payload, entry.checksum):
             self._reject(key, entry)
             return None
         with self._lock:
-            self.policy.on_access(BlockInfo(key, entry.depth, entry.num_bytes))
+            self.policy.on_access(BlockInfo(key, entry.depth, entry.end - entry.start))
         self.num_loaded += 1
-        return self._decode(payload, entry.compression)
-
-    def _encode(self, block: torch.Tensor) -> list:
-        """One block (``[2, layers, 1, ...]``) as this tier writes it: buffers, not copies."""
-        if self.compression is None:
-            return [block.contiguous().view(torch.uint8).numpy()]
-        q, scales = quantize_int8(block)
-        return [q.numpy(), scales.numpy()]
-
-    def _decode(self, raw: torch.Tensor, compression: str | None) -> torch.Tensor:
-        """A block from its payload (a uint8 tensor the block may keep)."""
-        layout = self.layout
-        shape = (2, layout.num_layers, 1, layout.block_size, layout.num_kv_heads, layout.head_dim)
-        if compression is None:
-            return raw.view(layout.dtype).view(shape)
-        num_values = raw.numel() - 2 * layout.num_layers * layout.num_kv_heads * 4
-        q = raw[:num_values].view(torch.int8).view(shape)
-        scales = raw[num_values:].view(torch.float32).view(2, layout.num_layers, 1, layout.num_kv_heads)
-        return dequantize_int8(q, scales, layout.dtype)
+        return block_codec.decode_payloads([payload], entry.segment.compression, self.layout)
 
     # -- writes -------------------------------------------------------------------------------
 
     def store(self, records: Sequence[BlockRecord], blocks: torch.Tensor) -> None:
-        """Queues ``blocks`` (``[2, layers, n, ...]``) to be encoded and written; returns at once.
+        """Queues ``blocks`` (``[2, layers, n, ...]``) to be written as one segment; returns at once.
 
         The tier takes ownership of ``blocks``: every caller passes a tensor it has just gathered
         and will not touch again, so nothing is copied here, on the caller's path.
         """
         if self._closed:
             raise RuntimeError(f"disk tier {str(self.directory)!r} is closed{' (read-only)' if self.read_only else ''}")
-        data = blocks.cpu()
-        for i, record in enumerate(records):
-            if record.key not in self._index:
-                self._queue.put((record, data[:, :, i : i + 1]))
+        fresh = [i for i, record in enumerate(records) if record.key not in self._index]
+        if fresh:
+            data = blocks.cpu()
+            if len(fresh) < len(records):
+                data = data[:, :, fresh]
+            self._queue.put(([records[i] for i in fresh], data))
 
     def flush(self) -> None:
-        """Waits until every queued block is on disk (or dropped for lack of room)."""
+        """Waits until every queued segment is on disk (or dropped for lack of room)."""
         self._queue.join()
 
     def evict(self, keys: Sequence[BlockHash]) -> int:
@@ -201,7 +191,7 @@ class DiskTier:
         return len(present)
 
     def clear(self) -> int:
-        """Deletes every block file (after the queued writes land), announced as one
+        """Deletes every segment (after the queued writes land), announced as one
         ``AllBlocksCleared``; returns how many blocks it dropped."""
         self.flush()
         with self._lock:
@@ -212,7 +202,7 @@ class DiskTier:
         return count
 
     def set_max_bytes(self, max_bytes: int) -> None:
-        """Changes the byte budget, deleting files (by policy) until the tier fits it."""
+        """Changes the byte budget, deleting segments (by policy) until the tier fits it."""
         if max_bytes < 1:
             raise ValueError(f"disk budget must be >= 1 byte, got {max_bytes}")
         self.flush()
@@ -224,7 +214,7 @@ class DiskTier:
         with self._lock:
             self.policy = policy
             for key, entry in self._index.items():
-                policy.on_insert(BlockInfo(key, entry.depth, entry.num_bytes))
+                policy.on_insert(BlockInfo(key, entry.depth, entry.end - entry.start))
 
     def close(self) -> None:
         if self._closed:
@@ -243,98 +233,103 @@ class DiskTier:
                 self._write(*item)
             except Exception:
                 self.num_write_errors += 1
-                logger.exception("rayk disk tier: could not write a block to %s; it is dropped", self.directory)
+                logger.exception("rayk disk tier: could not write a segment to %s; its blocks are dropped", self.directory)
             finally:
                 self._queue.task_done()
 
-    def _write(self, record: BlockRecord, block: torch.Tensor) -> None:
-        parts = self._encode(block)
-        payload_bytes = sum(part.nbytes for part in parts)
-        digest = xxhash.xxh3_64()
-        for part in parts:
-            digest.update(part)
-        checksum = digest.intdigest()
-        header = msgpack.packb(
-            {
-                "key": record.key,
-                "parent": record.parent,
-                "depth": record.depth,
-                "token_ids": token_ids_from_bytes(record.tokens),
-                "fingerprint": self.fingerprint,
-                "layout": self.layout.to_metadata(),
-                "compression": self.compression,
-                "payload_bytes": payload_bytes,
-                "checksum": checksum,
-            },
-            use_bin_type=True,
-        )
-        size = len(MAGIC) + 4 + len(header) + payload_bytes
-        if size > self.max_bytes:
+    def _write(self, records: list[BlockRecord], blocks: torch.Tensor) -> None:
+        fresh = [i for i, record in enumerate(records) if record.key not in self._index]
+        if not fresh:
+            return
+        if len(fresh) < len(records):
+            records, blocks = [records[i] for i in fresh], blocks[:, :, fresh]
+        buffer = block_codec.encode(records, blocks, self.fingerprint, self.layout, self.compression)
+        if len(buffer) > self.max_bytes:
             return
         with self._lock:
-            if record.key in self._index:
-                return
-            self._make_room(size)
-        path = self.directory / (record.key.hex() + SUFFIX)
-        temporary = self.directory / f"{record.key.hex()}.{os.getpid()}-{next(self._temporary_names)}.tmp"
+            self._make_room(len(buffer))
+        name = secrets.token_hex(12)
+        path = self.directory / f"seg-{name}{SUFFIX}"
+        temporary = self.directory / f".{name}.tmp"
         try:
-            with temporary.open("wb") as f:
-                f.write(MAGIC + len(header).to_bytes(4, "little") + header)
-                for part in parts:
-                    f.write(part)
+            descriptor = os.open(temporary, _WRITE_FLAGS, 0o600)
+            with os.fdopen(descriptor, "wb") as f:
+                f.write(buffer.data)
             os.replace(temporary, path)
         finally:
             temporary.unlink(missing_ok=True)
-        entry = _Entry(path, record.parent, record.depth, record.tokens, size, checksum, size - payload_bytes, self.compression)
+        header = block_codec.read_header(buffer, self.fingerprint, self.layout)
         with self._lock:
-            self._add(record.key, entry)
-        self.num_stored += 1
+            self._add_segment(path, header, len(buffer))
+        self.num_stored += len(records)
 
     def _make_room(self, size: int) -> None:
-        """Deletes policy-chosen files until ``size`` more bytes fit (caller holds the lock)."""
+        """Deletes the segments of policy-chosen blocks until ``size`` more bytes fit (caller
+        holds the lock)."""
         while self.num_bytes + size > self.max_bytes and self._index:
             victims = self.policy.select_victims(self._index, 1)
             if not victims:
                 return
-            self._delete(victims[0])
-            self.num_evictions += 1
+            segment = self._index[victims[0]].segment
+            self.num_evictions += len(segment.live)
+            for key in list(segment.live):
+                self._delete(key)
 
     # -- the index ----------------------------------------------------------------------------
 
-    def _add(self, key: BlockHash, entry: _Entry) -> None:
-        self._index[key] = entry
-        self.num_bytes += entry.num_bytes
-        self.policy.on_insert(BlockInfo(key, entry.depth, entry.num_bytes))
-        self.events.stored(key, entry.parent)
+    def _add_segment(self, path: Path, header: block_codec.BatchHeader, size: int) -> None:
+        """Indexes a complete segment's blocks (keys already held elsewhere stay there); a
+        segment with no new block is deleted (caller holds the lock)."""
+        segment = _Segment(path, size, header.compression)
+        for record, checksum in zip(header.records, header.checksums):
+            if record.key in self._index:
+                continue
+            start, end = header.block_range(record.block)
+            self._index[record.key] = _Entry(segment, record.parent, record.depth, record.tokens, start, end, checksum)
+            segment.live.add(record.key)
+            self.policy.on_insert(BlockInfo(record.key, record.depth, end - start))
+            self.events.stored(record.key, record.parent)
+        if segment.live:
+            self.num_bytes += size
+            self.num_segments += 1
+        elif not self.read_only:
+            path.unlink(missing_ok=True)
 
     def _delete(self, key: BlockHash) -> None:
-        """Forgets a block and deletes its file (caller holds the lock)."""
+        """Forgets a block, and deletes its segment's file with the last of its blocks (caller
+        holds the lock)."""
         entry = self._index.pop(key)
-        self.num_bytes -= entry.num_bytes
         self.policy.on_remove(key, dropped=True)
         self.events.removed(key)
-        if not self.read_only:
-            entry.path.unlink(missing_ok=True)
+        segment = entry.segment
+        segment.live.discard(key)
+        if not segment.live:
+            self.num_bytes -= segment.num_bytes
+            self.num_segments -= 1
+            if not self.read_only:
+                segment.path.unlink(missing_ok=True)
 
     def _reject(self, key: BlockHash, entry: _Entry) -> None:
-        """Drops a block whose file failed its check, unless the file was replaced or evicted
-        while it was being read (then the read just missed)."""
+        """Drops the segment of a block that failed its check, unless the block was replaced or
+        evicted while it was being read (then the read just missed)."""
         with self._lock:
             if self._index.get(key) is entry:
-                self._delete(key)
+                for live in list(entry.segment.live):
+                    self._delete(live)
                 self.num_rejected += 1
 
     def _rebuild_index(self) -> None:
         if not self.directory.is_dir():
             return
         now = time.time()
-        for temporary in self.directory.glob("*.tmp"):
-            if not self.read_only and now - temporary.stat().st_mtime > _STALE_TEMPORARY_S:
+        for temporary in self.directory.glob(".*.tmp"):
+            if not self.read_only and not temporary.is_symlink() and now - temporary.lstat().st_mtime > _STALE_TEMPORARY_S:
                 temporary.unlink(missing_ok=True)
-        for path in sorted(self.directory.glob("*" + SUFFIX), key=lambda p: p.stat().st_mtime):
-            entry_and_key = self._read_header(path)
-            if entry_and_key is not None:
-                self._add(entry_and_key[1], entry_and_key[0])
+        paths = [p for p in self.directory.glob("*" + SUFFIX) if not p.is_symlink() and p.is_file()]
+        for path in sorted(paths, key=lambda p: p.stat().st_mtime):
+            header = self._read_header(path)
+            if header is not None:
+                self._add_segment(path, header, path.stat().st_size)
             elif self.read_only:
                 self.num_foreign += 1
             else:
@@ -342,33 +337,15 @@ class DiskTier:
                 self.num_rejected += 1
         self.events.drain()
 
-    def _read_header(self, path: Path) -> tuple[_Entry, BlockHash] | None:
-        """The entry a file describes, or None if it is not a complete block file for this model."""
+    def _read_header(self, path: Path) -> block_codec.BatchHeader | None:
+        """The checked header of a segment file, or None if it is not one for this model."""
         try:
             size = path.stat().st_size
             with path.open("rb") as f:
-                if f.read(len(MAGIC)) != MAGIC:
+                prefix = f.read(block_codec.PREFIX_BYTES)
+                length = block_codec.header_length(prefix)
+                if length > min(size, block_codec.max_header_bytes(self.layout)):
                     return None
-                header_len = int.from_bytes(f.read(4), "little")
-                header = msgpack.unpackb(f.read(header_len), raw=False)
-        except (OSError, ValueError, msgpack.UnpackException):
+                return block_codec.read_header(prefix + f.read(length), self.fingerprint, self.layout, total_size=size)
+        except (OSError, BlockBatchError):
             return None
-        if not isinstance(header, dict):
-            return None
-        try:
-            key, payload_bytes, compression = header["key"], header["payload_bytes"], header.get("compression")
-            ok = (
-                header["fingerprint"] == self.fingerprint
-                and header["layout"] == self.layout.to_metadata()
-                and compression in self._payload_bytes
-                and payload_bytes == self._payload_bytes[compression]
-                and size == len(MAGIC) + 4 + header_len + payload_bytes
-                and path.name == key.hex() + SUFFIX
-            )
-            if not ok:
-                return None
-            tokens = token_bytes(header["token_ids"])
-            entry = _Entry(path, header["parent"], int(header["depth"]), tokens, size, int(header["checksum"]), size - payload_bytes, compression)
-        except (KeyError, TypeError, AttributeError, OverflowError, ValueError):
-            return None
-        return entry, key

@@ -46,7 +46,7 @@ def memory_profile(manager: KVCacheManager) -> dict:
             "used_bytes": disk.num_bytes,
             "free_bytes": max(0, disk.max_bytes - disk.num_bytes),
             "cached_blocks": len(disk),
-            "rejected_files": disk.num_rejected,
+            "rejected": disk.num_rejected,
         }
     query = manager.num_query_tokens
     for tier in TIERS:

@@ -5,9 +5,8 @@ One allocation of shape ``[2, num_layers, num_blocks, block_size, num_kv_heads, 
 head_dim]`` views of it, exactly what ``flash_attn_with_kvcache(..., block_table=...)`` takes.
 
 Blocks leave and enter many per call: ``gather``/``scatter`` move a ``[2, num_layers, n,
-block_size, kv_heads, head_dim]`` tensor, and ``export_blocks``/``import_blocks`` wrap the same
-path as raw bytes plus a metadata dict of plain values, the form blocks take between processes
-(peers, through Ray's object store).
+block_size, kv_heads, head_dim]`` tensor. Outside a pool (disk, snapshots, peers) blocks take
+the one format of ``rayk.cache.block_codec``.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 KV_LAYOUT = "flash_attn_paged:[2,layers,blocks,block_size,kv_heads,head_dim]"
@@ -38,13 +36,6 @@ class KVLayout:
     @property
     def bytes_per_block(self) -> int:
         return self.bytes_per_token * self.block_size
-
-    def blocks_from_bytes(self, payload: np.ndarray | bytes, num_blocks: int) -> torch.Tensor:
-        """A ``[2, num_layers, num_blocks, ...]`` CPU tensor over a copy of raw block bytes."""
-        raw = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-        if raw.numel() != self.bytes_per_block * num_blocks:
-            raise ValueError(f"payload has {raw.numel()} bytes, {num_blocks} blocks need {self.bytes_per_block * num_blocks}")
-        return raw.view(self.dtype).view(2, self.num_layers, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
 
     def to_metadata(self) -> dict:
         return {
@@ -92,21 +83,3 @@ class PagedKVCache:
         index = torch.as_tensor(block_ids, dtype=torch.long, device=self.device)
         # Synchronous: a caller may reuse the source as soon as this returns.
         self.kv.index_copy_(2, index, blocks.to(self.device))
-
-    def export_blocks(self, block_ids: Sequence[int]) -> tuple[np.ndarray, dict]:
-        """Copies the given blocks out as one contiguous uint8 buffer plus its metadata.
-
-        The buffer holds ``[2, num_layers, len(block_ids), block_size, kv_heads, head_dim]`` in
-        the pool's dtype, blocks in the order given.
-        """
-        blocks = self.gather(block_ids).cpu().contiguous()
-        metadata = self.layout.to_metadata() | {"num_blocks": len(block_ids)}
-        return blocks.view(torch.uint8).numpy().reshape(-1), metadata
-
-    def import_blocks(self, block_ids: Sequence[int], payload: np.ndarray | bytes, metadata: dict) -> None:
-        """Writes blocks exported by a pool of the same layout into ``block_ids``, in order."""
-        expected = self.layout.to_metadata() | {"num_blocks": len(block_ids)}
-        if metadata != expected:
-            mismatched = sorted(k for k in expected.keys() | metadata.keys() if metadata.get(k) != expected.get(k))
-            raise ValueError(f"blocks do not fit this pool: metadata differs in {mismatched}")
-        self.scatter(block_ids, self.layout.blocks_from_bytes(payload, len(block_ids)))

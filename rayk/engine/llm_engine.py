@@ -268,7 +268,7 @@ class LLMEngine:
                 "stored_blocks": self.disk.num_stored,
                 "loaded_blocks": self.disk.num_loaded,
                 "evictions": self.disk.num_evictions,
-                "rejected_files": self.disk.num_rejected,
+                "rejected": self.disk.num_rejected,
             },
             "scheduler": {
                 "waiting": len(self.scheduler.waiting),

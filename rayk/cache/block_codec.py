@@ -1,0 +1,250 @@
+"""The one format KV blocks take outside a pool: a batch of blocks in one buffer.
+
+Disk segment files, cache snapshots and peer transfers (Ray objects) all hold exactly this::
+
+    b"RAYKBB01" | header length (uint32, little-endian) | msgpack header | payload
+
+The header is a map of plain values (nothing is ever pickled):
+
+* ``version`` (``FORMAT_VERSION``), ``fingerprint`` (the model's, 32 bytes), ``layout``
+  (``KVLayout.to_metadata()``), ``compression`` (None or "int8"), ``block_bytes`` (payload bytes
+  of one block);
+* ``blocks``: per block ``[key, parent key, depth, token ids, checksum]``, in payload order; the
+  checksum is the xxh3-64 of the block's payload bytes, as 8 little-endian bytes.
+
+The payload holds the blocks back to back, ``block_bytes`` each, block-major: block i is
+``[2, layers, block_size, kv_heads, head_dim]`` in the model's dtype, or with int8 compression
+those values as int8 followed by float32 scales ``[2, layers, kv_heads]``
+(``rayk.cache.quantization``). So one block is one contiguous range, readable alone.
+
+``read_header`` checks everything a header claims against the caller's model and layout and the
+buffer's size, and raises ``BlockBatchError`` naming the first field that does not match; a block
+whose payload fails its checksum is left out of what ``decode`` returns. A reader therefore
+either gets blocks that are exactly what was written for this model, or a miss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import msgpack
+import numpy as np
+import torch
+import xxhash
+
+from rayk.cache.block_pool import BlockRecord
+from rayk.cache.paged_kv import KVLayout
+from rayk.cache.quantization import compressed_block_bytes, dequantize_int8, quantize_int8
+from rayk.hashing import TOKEN_BYTES, token_bytes, token_ids_from_bytes
+
+MAGIC = b"RAYKBB01"
+FORMAT_VERSION = 1
+PREFIX_BYTES = len(MAGIC) + 4
+COMPRESSIONS = (None, "int8")
+MAX_BATCH_BLOCKS = 1 << 16
+"""The most blocks one batch may hold."""
+_CHECKSUM_BYTES = 8
+
+
+class BlockBatchError(ValueError):
+    """A buffer that is not a block batch for this model and layout; the message names why."""
+
+
+@dataclass(frozen=True)
+class BatchHeader:
+    """A checked header: the blocks' records (``block`` is their index in the batch) and checksums."""
+
+    records: tuple[BlockRecord, ...]
+    checksums: tuple[int, ...]
+    compression: str | None
+    block_bytes: int
+    payload_offset: int
+
+    def block_range(self, index: int) -> tuple[int, int]:
+        """Where block ``index``'s payload lies in the buffer (start, end)."""
+        start = self.payload_offset + index * self.block_bytes
+        return start, start + self.block_bytes
+
+
+def block_bytes(layout: KVLayout, compression: str | None) -> int:
+    """Payload bytes of one block."""
+    if compression is None:
+        return layout.bytes_per_block
+    if compression == "int8":
+        return compressed_block_bytes(layout.num_layers, layout.block_size, layout.num_kv_heads, layout.head_dim)
+    raise BlockBatchError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+
+
+def encode(records: Sequence[BlockRecord], blocks: torch.Tensor, fingerprint: bytes, layout: KVLayout, compression: str | None = None) -> np.ndarray:
+    """One uint8 buffer holding ``blocks`` (``[2, layers, n, ...]``, ``records[i]`` describing
+    block i). The payload is written straight into the buffer: one copy of the KV."""
+    size = block_bytes(layout, compression)
+    n = len(records)
+    if n > MAX_BATCH_BLOCKS:
+        raise ValueError(f"a batch holds at most {MAX_BATCH_BLOCKS} blocks, got {n}")
+    if blocks.shape[2] != n:
+        raise ValueError(f"{n} records for {blocks.shape[2]} blocks")
+    entries = [[r.key, r.parent, r.depth, token_ids_from_bytes(r.tokens), bytes(_CHECKSUM_BYTES)] for r in records]
+    header = _pack_header(fingerprint, layout, compression, size, entries)
+    offset = PREFIX_BYTES + len(header)
+    buffer = np.empty(offset + n * size, dtype=np.uint8)
+    payload = torch.from_numpy(buffer[offset:]).view(n, size)
+    blocks = blocks.detach().cpu()
+    shape = (n, 2, layout.num_layers, layout.block_size, layout.num_kv_heads, layout.head_dim)
+    if compression is None:
+        payload.view(layout.dtype).view(shape).copy_(blocks.permute(2, 0, 1, 3, 4, 5))
+    else:
+        q, scales = quantize_int8(blocks)
+        values = q.numel() // max(n, 1)
+        payload[:, :values].view(torch.int8).view(shape).copy_(q.permute(2, 0, 1, 3, 4, 5))
+        payload[:, values:].view(torch.float32).view(n, 2, layout.num_layers, layout.num_kv_heads).copy_(scales.permute(2, 0, 1, 3))
+    rows = buffer[offset:].reshape(n, size)
+    for entry, row in zip(entries, rows):
+        entry[4] = xxhash.xxh3_64_intdigest(row).to_bytes(_CHECKSUM_BYTES, "little")
+    final = _pack_header(fingerprint, layout, compression, size, entries)
+    assert len(final) == len(header), "checksums are fixed-width: the header keeps its length"
+    buffer[: len(MAGIC)] = np.frombuffer(MAGIC, dtype=np.uint8)
+    buffer[len(MAGIC) : PREFIX_BYTES] = np.frombuffer(len(final).to_bytes(4, "little"), dtype=np.uint8)
+    buffer[PREFIX_BYTES:offset] = np.frombuffer(final, dtype=np.uint8)
+    return buffer
+
+
+def _pack_header(fingerprint: bytes, layout: KVLayout, compression: str | None, size: int, entries: list) -> bytes:
+    header = {
+        "version": FORMAT_VERSION,
+        "fingerprint": fingerprint,
+        "layout": layout.to_metadata(),
+        "compression": compression,
+        "block_bytes": size,
+        "blocks": entries,
+    }
+    return msgpack.packb(header, use_bin_type=True)
+
+
+def max_header_bytes(layout: KVLayout) -> int:
+    """The longest header a batch of this layout can have: ``MAX_BATCH_BLOCKS`` entries of two
+    32-byte keys, a depth, ``block_size`` token ids and a checksum, each at msgpack's widest. A
+    longer claimed length is refused before anything is read, so it cannot make a reader
+    allocate."""
+    return 1024 + MAX_BATCH_BLOCKS * (96 + 5 * layout.block_size)
+
+
+def header_length(prefix: bytes | np.ndarray) -> int:
+    """The header's length from a buffer's first ``PREFIX_BYTES`` bytes (BlockBatchError if they
+    are not a block batch's)."""
+    prefix = bytes(prefix[:PREFIX_BYTES])
+    if len(prefix) < PREFIX_BYTES or prefix[: len(MAGIC)] != MAGIC:
+        raise BlockBatchError(f"not a rayk block batch: it does not start with {MAGIC!r}")
+    return int.from_bytes(prefix[len(MAGIC) :], "little")
+
+
+def read_header(buffer: bytes | np.ndarray, fingerprint: bytes, layout: KVLayout, total_size: int | None = None) -> BatchHeader:
+    """The checked header of a batch. ``buffer`` holds at least the prefix and header;
+    ``total_size`` is the whole batch's size (default ``len(buffer)``), which the header's claims
+    must fit exactly."""
+    total_size = len(buffer) if total_size is None else total_size
+    length = header_length(buffer)
+    if length > min(total_size - PREFIX_BYTES, max_header_bytes(layout)):
+        raise BlockBatchError(f"header length {length} does not fit a batch of {total_size} bytes of this layout")
+    if len(buffer) < PREFIX_BYTES + length:
+        raise BlockBatchError(f"the batch is cut short: {len(buffer)} bytes, its header alone needs {PREFIX_BYTES + length}")
+    try:
+        header = msgpack.unpackb(bytes(buffer[PREFIX_BYTES : PREFIX_BYTES + length]), raw=False)
+    except (ValueError, msgpack.UnpackException) as error:
+        raise BlockBatchError(f"the header is not valid msgpack: {error}") from None
+    if not isinstance(header, dict):
+        raise BlockBatchError(f"the header is a {type(header).__name__}, not a map")
+    _expect(header, "version", FORMAT_VERSION)
+    _expect(header, "fingerprint", fingerprint, "written for another model")
+    _expect(header, "layout", layout.to_metadata(), "another block size, dtype or KV layout")
+    compression = header.get("compression")
+    if compression not in COMPRESSIONS:
+        raise BlockBatchError(f"header field 'compression' must be one of {COMPRESSIONS}, got {compression!r}")
+    size = block_bytes(layout, compression)
+    _expect(header, "block_bytes", size)
+    entries = header.get("blocks")
+    if not isinstance(entries, list) or len(entries) > MAX_BATCH_BLOCKS:
+        raise BlockBatchError(f"header field 'blocks' must be a list of at most {MAX_BATCH_BLOCKS} blocks")
+    offset = PREFIX_BYTES + length
+    if total_size != offset + len(entries) * size:
+        raise BlockBatchError(f"the batch holds {total_size - offset} payload bytes; its header's {len(entries)} blocks need {len(entries) * size}")
+    records, checksums = [], []
+    for i, entry in enumerate(entries):
+        records.append(_record(i, entry, layout.block_size))
+        checksums.append(int.from_bytes(entry[4], "little"))
+    return BatchHeader(tuple(records), tuple(checksums), compression, size, offset)
+
+
+def _expect(header: dict, field: str, value, meaning: str = "") -> None:
+    if header.get(field) != value:
+        why = f" ({meaning})" if meaning else ""
+        raise BlockBatchError(f"header field {field!r} does not match this cache{why}: got {header.get(field)!r:.120}")
+
+
+def _record(index: int, entry, block_size: int) -> BlockRecord:
+    try:
+        key, parent, depth, token_ids, checksum = entry
+        ok = (
+            isinstance(key, bytes)
+            and isinstance(parent, bytes)
+            and len(key) in (16, 32)
+            and len(parent) == len(key)
+            and isinstance(depth, int)
+            and depth >= 0
+            and isinstance(checksum, bytes)
+            and len(checksum) == _CHECKSUM_BYTES
+            and isinstance(token_ids, list)
+            and len(token_ids) == block_size
+        )
+        tokens = token_bytes(token_ids) if ok else b""
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok or len(tokens) != block_size * TOKEN_BYTES:
+        raise BlockBatchError(f"header entry blocks[{index}] is not [key, parent, depth, {block_size} token ids, 8-byte checksum]")
+    return BlockRecord(index, key, parent, depth, tokens)
+
+
+def verified(payload: np.ndarray, checksum: int) -> bool:
+    """Whether one block's payload bytes match their checksum."""
+    return xxhash.xxh3_64_intdigest(payload) == checksum
+
+
+def decode_payloads(payloads: Sequence[np.ndarray], compression: str | None, layout: KVLayout) -> torch.Tensor:
+    """``[2, layers, n, ...]`` in the model's dtype from blocks' payload bytes (a new tensor)."""
+    n = len(payloads)
+    raw = torch.from_numpy(np.stack(payloads) if n != 1 else payloads[0].reshape(1, -1))
+    block_shape = (layout.block_size, layout.num_kv_heads, layout.head_dim)
+    if compression is None:
+        return raw.view(layout.dtype).view(n, 2, layout.num_layers, *block_shape).permute(1, 2, 0, 3, 4, 5).contiguous()
+    values = 2 * layout.num_layers * layout.block_size * layout.num_kv_heads * layout.head_dim
+    q = raw[:, :values].contiguous().view(torch.int8).view(n, 2, layout.num_layers, *block_shape).permute(1, 2, 0, 3, 4, 5)
+    scales = raw[:, values:].contiguous().view(torch.float32).view(n, 2, layout.num_layers, layout.num_kv_heads).permute(1, 2, 0, 3)
+    return dequantize_int8(q, scales, layout.dtype)
+
+
+@dataclass(frozen=True)
+class DecodedBatch:
+    """The blocks of a batch that passed their checksums, in batch order, and the count of those
+    that did not (left out)."""
+
+    records: list[BlockRecord]
+    blocks: torch.Tensor | None  # [2, layers, len(records), ...], None when no block passed
+    num_rejected: int
+
+
+def decode(buffer: np.ndarray | bytes, fingerprint: bytes, layout: KVLayout) -> DecodedBatch:
+    """Every block of a whole batch that matches its checksum (BlockBatchError for a bad header)."""
+    if isinstance(buffer, (bytes, bytearray, memoryview)):
+        buffer = np.frombuffer(buffer, dtype=np.uint8)
+    header = read_header(buffer, fingerprint, layout)
+    records, payloads = [], []
+    for record, checksum in zip(header.records, header.checksums):
+        start, end = header.block_range(record.block)
+        payload = buffer[start:end]
+        if verified(payload, checksum):
+            records.append(record)
+            payloads.append(payload)
+    blocks = decode_payloads(payloads, header.compression, layout) if payloads else None
+    return DecodedBatch(records, blocks, len(header.records) - len(records))
+

@@ -1,0 +1,123 @@
+"""The block-batch codec: what one cache writes, another of the same model reads back exactly;
+anything foreign or damaged is refused by name, or left out, never served."""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+
+from rayk.cache import block_codec
+from rayk.cache.block_codec import MAGIC, PREFIX_BYTES, BlockBatchError, decode, encode, read_header
+from rayk.cache.block_pool import BlockRecord
+from rayk.cache.paged_kv import KVLayout
+from rayk.hashing import token_bytes
+
+LAYOUT = KVLayout(num_layers=2, block_size=4, num_kv_heads=2, head_dim=8, dtype=torch.float32)
+FINGERPRINT = b"f" * 32
+
+
+def _batch(n: int, layout: KVLayout = LAYOUT, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    shape = (2, layout.num_layers, n, layout.block_size, layout.num_kv_heads, layout.head_dim)
+    blocks = torch.randn(shape, generator=generator).to(layout.dtype)
+    records, parent = [], bytes(16)
+    for i in range(n):
+        key = bytes([i + 1]) * 16
+        records.append(BlockRecord(i, key, parent, i, token_bytes(range(i * 4, i * 4 + 4))))
+        parent = key
+    return records, blocks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_batch_round_trips_exactly(dtype):
+    layout = KVLayout(2, 4, 2, 8, dtype)
+    records, blocks = _batch(5, layout)
+    buffer = encode(records, blocks, FINGERPRINT, layout)
+    assert buffer.dtype == np.uint8 and bytes(buffer[: len(MAGIC)]) == MAGIC
+    decoded = decode(buffer, FINGERPRINT, layout)
+    assert decoded.num_rejected == 0
+    assert [(r.key, r.parent, r.depth, r.tokens) for r in decoded.records] == [(r.key, r.parent, r.depth, r.tokens) for r in records]
+    assert torch.equal(decoded.blocks, blocks)
+    assert decode(bytes(buffer), FINGERPRINT, layout).blocks.equal(blocks)  # from bytes too
+
+
+def test_int8_batches_hold_a_quarter_and_decode_within_the_quantization_bound():
+    records, blocks = _batch(3)
+    plain = encode(records, blocks, FINGERPRINT, LAYOUT)
+    small = encode(records, blocks, FINGERPRINT, LAYOUT, compression="int8")
+    assert read_header(small, FINGERPRINT, LAYOUT).compression == "int8"
+    assert len(small) < 0.4 * len(plain)
+    decoded = decode(small, FINGERPRINT, LAYOUT)
+    bound = blocks.abs().amax(dim=(3, 5), keepdim=True) / 254 + 1e-6
+    assert ((decoded.blocks - blocks).abs() <= bound).all()
+
+
+def test_one_block_reads_alone_from_its_range():
+    records, blocks = _batch(4)
+    buffer = encode(records, blocks, FINGERPRINT, LAYOUT)
+    header = read_header(buffer[: header_end(buffer)], FINGERPRINT, LAYOUT, total_size=len(buffer))
+    start, end = header.block_range(2)
+    assert block_codec.verified(buffer[start:end], header.checksums[2])
+    one = block_codec.decode_payloads([buffer[start:end]], None, LAYOUT)
+    assert torch.equal(one, blocks[:, :, 2:3])
+
+
+def header_end(buffer) -> int:
+    return PREFIX_BYTES + block_codec.header_length(buffer)
+
+
+def _with_header(buffer, **changes) -> np.ndarray:
+    length = block_codec.header_length(buffer)
+    header = msgpack.unpackb(bytes(buffer[PREFIX_BYTES : PREFIX_BYTES + length]))
+    header.update(changes)
+    packed = msgpack.packb(header, use_bin_type=True)
+    return np.frombuffer(MAGIC + len(packed).to_bytes(4, "little") + packed + bytes(buffer[PREFIX_BYTES + length :]), dtype=np.uint8)
+
+
+@pytest.mark.parametrize(
+    "changes, named",
+    [
+        ({"fingerprint": b"g" * 32}, "fingerprint"),
+        ({"layout": {"layout": "x", "block_size": 32}}, "layout"),
+        ({"version": 99}, "version"),
+        ({"compression": "zstd"}, "compression"),
+        ({"block_bytes": 7}, "block_bytes"),
+        ({"blocks": "many"}, "blocks"),
+        ({"blocks": [[b"k" * 16, b"p" * 16, 0, [1, 2], b"c" * 8]]}, "blocks[0]"),
+    ],
+)
+def test_a_foreign_header_is_refused_by_name(changes, named):
+    records, blocks = _batch(1)
+    with pytest.raises(BlockBatchError, match=named.replace("[", r"\[")):
+        decode(_with_header(encode(records, blocks, FINGERPRINT, LAYOUT), **changes), FINGERPRINT, LAYOUT)
+
+
+def test_damage_outside_the_payload_is_refused_and_inside_it_leaves_the_block_out():
+    records, blocks = _batch(3)
+    buffer = encode(records, blocks, FINGERPRINT, LAYOUT)
+    with pytest.raises(BlockBatchError, match="does not start with"):
+        decode(b"NOTABATCH" + bytes(buffer[9:]), FINGERPRINT, LAYOUT)
+    with pytest.raises(BlockBatchError, match="payload bytes"):
+        decode(buffer[:-10], FINGERPRINT, LAYOUT)
+    with pytest.raises(BlockBatchError, match="msgpack"):
+        decode(np.concatenate([buffer[:PREFIX_BYTES], np.full(len(buffer) - PREFIX_BYTES, 0xC1, dtype=np.uint8)]), FINGERPRINT, LAYOUT)
+    flipped = buffer.copy()
+    start, _ = read_header(buffer, FINGERPRINT, LAYOUT).block_range(1)
+    flipped[start + 5] ^= 0xFF
+    decoded = decode(flipped, FINGERPRINT, LAYOUT)
+    assert decoded.num_rejected == 1 and [r.key for r in decoded.records] == [records[0].key, records[2].key]
+    assert torch.equal(decoded.blocks, blocks[:, :, [0, 2]])
+
+
+def test_a_huge_claimed_header_length_is_refused_before_anything_is_read():
+    fake = MAGIC + (2**32 - 1).to_bytes(4, "little")
+    with pytest.raises(BlockBatchError, match="header length"):
+        read_header(fake, FINGERPRINT, LAYOUT, total_size=2**40)
+
+
+def test_an_empty_batch_round_trips():
+    records, blocks = _batch(0)
+    decoded = decode(encode(records, blocks, FINGERPRINT, LAYOUT), FINGERPRINT, LAYOUT)
+    assert decoded.records == [] and decoded.blocks is None and decoded.num_rejected == 0
