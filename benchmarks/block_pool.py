@@ -35,6 +35,7 @@ import xxhash
 
 from rayk.cache.block_pool import BlockPool
 from rayk.cache.kv_cache_manager import KVCacheManager
+from rayk.cache.tier_chain import TierChain
 from rayk.hashing import BlockHasher, model_fingerprint, token_bytes
 
 RESULTS = Path(__file__).parent / "results" / "block_pool.json"
@@ -141,7 +142,7 @@ def bench_pools(token_ids: list[int], args) -> dict[int, dict[str, list[float]]]
     prompts = [token_ids[i * batch * bs : (i + 1) * batch * bs] for i in range(len(keys) // batch)]
 
     pools = {n: _prefilled_pool(n, bs) for n in args.pool_sizes}
-    managers = {n: KVCacheManager(_prefilled_pool(n, bs), hasher) for n in args.pool_sizes}
+    managers = {n: KVCacheManager(TierChain(_prefilled_pool(n, bs)), hasher) for n in args.pool_sizes}
     samples = {n: {"pool_ops_per_s": [], "manager_ops_per_s": []} for n in args.pool_sizes}
     # One untimed iteration on each checks that the lookups hit; the timed ones follow.
     for n in args.pool_sizes:

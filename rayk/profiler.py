@@ -43,13 +43,13 @@ class Profiler:
     def __enter__(self) -> Profiler:
         self._origin = time.perf_counter()
         self.engine.step_observers.append(self)
-        self.engine.kv_cache_manager.transfer_observers.append(self._on_transfer)
+        self.engine.cache.chain.transfer_observers.append(self._on_transfer)
         self.engine.subscribe(self._on_events)
         return self
 
     def __exit__(self, *exc) -> None:
         self.engine.step_observers.remove(self)
-        self.engine.kv_cache_manager.transfer_observers.remove(self._on_transfer)
+        self.engine.cache.chain.transfer_observers.remove(self._on_transfer)
         self.engine.unsubscribe(self._on_events)
 
     # -- recording ----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from rayk.cache.block_pool import BlockPool
 from rayk.cache.events import AllBlocksCleared, BlocksRemoved, BlocksStored, EventBuffer
 from rayk.cache.kv_cache_manager import KVCacheManager
+from rayk.cache.tier_chain import TierChain
 from rayk.hashing import BlockHasher, token_bytes
 
 
@@ -131,7 +132,7 @@ def test_clearing_a_tier_replaces_its_pending_events_with_one():
 
 def test_the_manager_never_serves_the_last_prompt_token_from_cache():
     pool = BlockPool(8, 4)
-    manager = KVCacheManager(pool, BlockHasher(bytes(32), 4))
+    manager = KVCacheManager(TierChain(pool), BlockHasher(bytes(32), 4))
     tokens = list(range(8))
     manager.admit("a", 8, manager.find_prefix("a", tokens))
     manager.cache_blocks("a", tokens, 8)
@@ -143,7 +144,7 @@ def test_the_manager_never_serves_the_last_prompt_token_from_cache():
 
 def test_a_failed_allocation_changes_nothing():
     pool = BlockPool(3, 2)
-    manager = KVCacheManager(pool, BlockHasher(bytes(32), 2))
+    manager = KVCacheManager(TierChain(pool), BlockHasher(bytes(32), 2))
     hit = manager.find_prefix("a", list(range(10)))
     assert manager.admit("a", 10, hit) is None
     assert pool.num_free_blocks == 3 and manager.block_ids("a") == []
@@ -158,7 +159,7 @@ class PoolMachine(RuleBasedStateMachine):
         super().__init__()
         self.block_size = 2
         self.pool = BlockPool(12, self.block_size)
-        self.manager = KVCacheManager(self.pool, BlockHasher(bytes(32), self.block_size))
+        self.manager = KVCacheManager(TierChain(self.pool), BlockHasher(bytes(32), self.block_size))
         self.live: dict[str, list[int]] = {}
         self.next_id = 0
 

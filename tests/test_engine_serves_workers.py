@@ -116,7 +116,7 @@ def test_a_cache_is_built_from_its_config_without_a_model(tmp_path):
     cache = build_tiered_cache(CacheConfig(block_size=4, host_blocks=8, disk_dir=str(tmp_path)), layout, bytes(32), torch.device("cpu"), 16)
     assert cache.pool.num_blocks == 16 and cache.host.pool.num_blocks == 8 and cache.disk is not None
     assert cache.manager.kv_cache is cache.kv_cache
-    assert cache.inventory() == {"device": [], "host": [], "disk": []}
+    assert cache.chain.inventory() == {"device": [], "host": [], "disk": []}
     cache.disk.close()
 
 

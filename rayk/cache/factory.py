@@ -1,5 +1,5 @@
 """Builds one worker's tiered KV cache from a ``CacheConfig``: the device pool and its tensor,
-the host and disk tiers below it, and the manager over them.
+the host and disk tiers below it, the tier chain over them and the manager over that.
 
 It needs no model: a KV layout and a model fingerprint are enough, so a worker, a benchmark or a
 test can build the same cache the engine serves from.
@@ -13,44 +13,28 @@ import torch
 
 from rayk.cache.block_pool import BlockPool
 from rayk.cache.disk_tier import DiskTier
-from rayk.cache.events import KVEvent
 from rayk.cache.host_tier import HostTier
 from rayk.cache.kv_cache_manager import KVCacheManager
 from rayk.cache.lifecycle import LifecycleSampler
 from rayk.cache.paged_kv import KVLayout, PagedKVCache
 from rayk.cache.policies import copy_policy, make_policy
+from rayk.cache.tier_chain import TierChain
 from rayk.cache.transfer import CopyEngine
 from rayk.config import CacheConfig
-from rayk.hashing import BlockHash, BlockHasher
+from rayk.hashing import BlockHasher
 
 
 @dataclass
 class TieredCache:
-    """The parts of one cache, wired: ``manager`` is what the scheduler talks to."""
+    """The parts of one cache, wired: ``manager`` is what the scheduler talks to, ``chain`` what
+    moves blocks between the tiers."""
 
     kv_cache: PagedKVCache
     pool: BlockPool
     host: HostTier | None
     disk: DiskTier | None
+    chain: TierChain
     manager: KVCacheManager
-
-    def drain_events(self) -> list[KVEvent]:
-        """Every tier's events since the last drain: device, then host, then disk."""
-        events = self.pool.events.drain()
-        if self.host is not None:
-            events += self.host.pool.events.drain()
-        if self.disk is not None:
-            events += self.disk.drain_events()
-        return events
-
-    def inventory(self) -> dict[str, list[BlockHash]]:
-        """Every key each tier holds now (host copies still in flight are not held yet)."""
-        inventory = {"device": list(self.pool.cached)}
-        if self.host is not None:
-            inventory["host"] = list(self.host.pool.cached)
-        if self.disk is not None:
-            inventory["disk"] = self.disk.keys()
-        return inventory
 
 
 def build_tiered_cache(config: CacheConfig, layout: KVLayout, fingerprint: bytes, device: torch.device, num_device_blocks: int) -> TieredCache:
@@ -70,12 +54,6 @@ def build_tiered_cache(config: CacheConfig, layout: KVLayout, fingerprint: bytes
         )
     for tier_pool in [pool] + ([host.pool] if host else []):
         tier_pool.lifecycle = LifecycleSampler(config.lifecycle_sample_rate)
-    manager = KVCacheManager(
-        pool,
-        BlockHasher(fingerprint, layout.block_size, config.hash_algorithm),
-        config.enable_prefix_caching,
-        kv_cache=kv_cache,
-        host=host,
-        disk=disk,
-    )
-    return TieredCache(kv_cache, pool, host, disk, manager)
+    chain = TierChain(pool, kv_cache, fingerprint, host=host, disk=disk)
+    manager = KVCacheManager(chain, BlockHasher(fingerprint, layout.block_size, config.hash_algorithm), config.enable_prefix_caching)
+    return TieredCache(kv_cache, pool, host, disk, chain, manager)

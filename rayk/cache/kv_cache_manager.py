@@ -4,40 +4,29 @@ What the scheduler talks to. For each request the manager keeps its block table,
 full blocks (hashed once, incrementally) and how many of those blocks it has published. It owns
 one reference on every block in a request's table; ``free`` returns them.
 
-Below the device pool sit optional tiers: host memory, then disk. ``find_prefix`` walks a
-request's chain of keys and finds each block on the device, else on the host, else on disk,
-stopping at the first block found nowhere. Every hit is confirmed against the stored parent key
-and token ids (on disk, also the payload's checksum, read right then), so by induction from the
-root every served block holds exactly the request's tokens. At least one token of every request
+Where blocks are is the ``TierChain``'s business (``rayk.cache.tier_chain``): device pool, host,
+disk, and blocks staged from a peer for one request. ``find_prefix`` walks a request's chain of
+keys and asks the chain for each block, stopping at the first block found nowhere. Every hit is
+confirmed against the stored parent key and token ids (on disk and from peers, also the payload's
+checksum), so by induction from the root every served block holds exactly the request's tokens. At least one token of every request
 is always computed: a hit never covers the last prompt token, whose logits the first sample needs.
 
 Blocks that an admitted request will compute but has not published yet are *in flight*: a
 waiting request whose next uncached block is in flight waits for it (``waits_for_in_flight``)
 rather than computing it again, so a burst sharing a new prefix computes it once.
 
-``admit`` then takes the hit: it protects the hit's blocks, allocates the rest, demotes the
-cached device blocks it evicted (device → host → disk, as each tier makes room), and onloads the
-host and disk hits into their new device blocks, one gather and one scatter per tier.
+``admit`` then takes the hit: it protects the hit's blocks, allocates the rest (the chain demotes
+the cached device blocks it evicted), and has the chain promote the host, disk and remote hits
+into their new device blocks, one batched copy per tier.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import torch
-
-from rayk.cache.block_pool import BlockPool, BlockRecord
-from rayk.cache.disk_tier import DiskTier
-from rayk.cache.host_tier import HostTier
-from rayk.cache.paged_kv import PagedKVCache
+from rayk.cache.tier_chain import TIERS, Source, TierChain
 from rayk.hashing import TOKEN_BYTES, BlockHash, BlockHasher, token_bytes
-
-TIERS = ("device", "host", "disk", "remote")
-
-# (kind, source tier, target tier, blocks, bytes, start seconds, end seconds), perf_counter clock
-TransferObserver = Callable[[str, str, str, int, int, float, float], None]
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -59,11 +48,11 @@ class _RequestBlocks:
 class PrefixHit:
     """The cached blocks that hold the first ``num_tokens`` of a request's ``num_query_tokens``.
 
-    ``sources[i]`` says where block ``i`` is: ("device", block id), ("host", slot), or ("disk",
-    payload tensor already read and verified). Nothing is referenced until ``admit``.
+    ``sources[i]`` says where block ``i`` is (a ``tier_chain.Source``). Nothing is referenced
+    until ``admit``.
     """
 
-    sources: tuple[tuple[str, object], ...]
+    sources: tuple[Source, ...]
     num_tokens: int
     num_query_tokens: int
 
@@ -72,43 +61,25 @@ class PrefixHit:
 
 
 class KVCacheManager:
-    def __init__(
-        self,
-        pool: BlockPool,
-        hasher: BlockHasher,
-        enable_prefix_caching: bool = True,
-        kv_cache: PagedKVCache | None = None,
-        host: HostTier | None = None,
-        disk: DiskTier | None = None,
-    ):
-        if pool.block_size != hasher.block_size:
-            raise ValueError(f"pool block_size {pool.block_size} != hasher block_size {hasher.block_size}")
-        if (host or disk) and kv_cache is None:
-            raise ValueError("host and disk tiers need the device kv_cache to copy blocks from and to")
-        self.pool = pool
+    def __init__(self, chain: TierChain, hasher: BlockHasher, enable_prefix_caching: bool = True):
+        if chain.pool.block_size != hasher.block_size:
+            raise ValueError(f"pool block_size {chain.pool.block_size} != hasher block_size {hasher.block_size}")
+        self.chain = chain
+        self.pool = chain.pool
+        self.kv_cache = chain.kv_cache
+        self.host = chain.host
+        self.disk = chain.disk
         self.hasher = hasher
-        self.block_size = pool.block_size
+        self.block_size = chain.pool.block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.kv_cache = kv_cache
-        self.host = host
-        self.disk = disk
         self._requests: dict[str, _RequestBlocks] = {}
         # Blocks set aside by a budget below a tier's size; each holds one reference.
         self.reserved: dict[str, list[int]] = {"device": [], "host": []}
-        # Key of a block an admitted request computes but has not published → that request.
+        # Key of a block an admitted request computes but has not published yet → that request.
         self._in_flight: dict[BlockHash, str] = {}
         self.num_query_tokens = 0
         self.num_hit_tokens = 0
         self.hit_tokens_by_tier = dict.fromkeys(TIERS, 0)
-        self.transfer_observers: list[TransferObserver] = []
-
-    def record_transfer(self, kind: str, source: str, target: str, num_blocks: int, start: float) -> None:
-        """Tells observers (a profiler) about a finished batched copy of blocks."""
-        if self.transfer_observers:
-            end = time.perf_counter()
-            num_bytes = num_blocks * self.kv_cache.layout.bytes_per_block
-            for observer in self.transfer_observers:
-                observer(kind, source, target, num_blocks, num_bytes, start, end)
 
     def block_ids(self, request_id: str) -> list[int]:
         return self._requests[request_id].block_ids
@@ -123,8 +94,7 @@ class KVCacheManager:
         assert not state.block_ids, f"request {request_id} already holds blocks"
         if not self.enable_prefix_caching:
             return PrefixHit((), 0, len(token_ids))
-        if self.host is not None:
-            self.host.poll()
+        self.chain.begin_lookup()
         _sync_token_bytes(state, token_ids)
         self.hasher.extend(state.block_hashes, state.token_bytes, state.root)
         max_blocks = (len(token_ids) - 1) // self.block_size
@@ -133,7 +103,7 @@ class KVCacheManager:
         step = self.hasher.block_bytes
         for i, key in enumerate(state.block_hashes[:max_blocks]):
             tokens = state.token_bytes[i * step : (i + 1) * step]
-            source = self._locate(key, parent, tokens)
+            source = self.chain.locate(key, parent, tokens, request_id)
             if source is None:
                 break
             sources.append(source)
@@ -149,20 +119,6 @@ class KVCacheManager:
             return False
         owner = self._in_flight.get(state.block_hashes[next_block])
         return owner is not None and owner != request_id
-
-    def _locate(self, key: BlockHash, parent: BlockHash, tokens: bytes) -> tuple[str, object] | None:
-        block = self.pool.lookup(key, parent, tokens)
-        if block is not None:
-            return ("device", block)
-        if self.host is not None:
-            slot = self.host.lookup(key, parent, tokens)
-            if slot is not None:
-                return ("host", slot)
-        if self.disk is not None:
-            payload = self.disk.read(key, parent, tokens)
-            if payload is not None:
-                return ("disk", payload)
-        return None
 
     # -- allocation ---------------------------------------------------------------------------
 
@@ -191,34 +147,16 @@ class KVCacheManager:
         if self.num_blocks_needed(request_id, num_tokens, hit) > self.pool.num_free_blocks:
             return None
         state = self._requests[request_id]
-        device_hits = hit.device_blocks()
-        host_slots = [ref for tier, ref in hit.sources if tier == "host"]
-        disk_payloads = [ref for tier, ref in hit.sources if tier == "disk"]
-        self.pool.touch(device_hits)
-        if host_slots:
-            self.host.hold(host_slots)
-        new_blocks = self.allocate_blocks(ceil_div(num_tokens, self.block_size) - len(device_hits))
-        # Each host or disk hit takes the next new block, in chain order; targets per tier follow
-        # the same order as host_slots and disk_payloads.
-        targets: dict[str, list[int]] = {"host": [], "disk": []}
+        self.chain.hold(hit.sources)
+        new_blocks = self.allocate_blocks(ceil_div(num_tokens, self.block_size) - len(hit.device_blocks()))
+        # Each non-device hit takes the next new block, in chain order.
         fresh = iter(new_blocks)
-        table = []
-        for tier, ref in hit.sources:
-            block = ref if tier == "device" else next(fresh)
-            if tier != "device":
-                targets[tier].append(block)
-            table.append(block)
+        table = [ref if tier == "device" else next(fresh) for tier, ref in hit.sources]
+        targets = [block for (tier, _), block in zip(hit.sources, table) if tier != "device"]
         table.extend(fresh)
         state.block_ids.extend(table)
-        if host_slots:
-            start = time.perf_counter()
-            self.host.onload(host_slots, self.kv_cache, targets["host"])
-            self.host.release(host_slots)
-            self.record_transfer("onload", "host", "device", len(host_slots), start)
-        if disk_payloads:
-            start = time.perf_counter()
-            self.kv_cache.scatter(targets["disk"], torch.cat(disk_payloads, dim=2))
-            self.record_transfer("onload", "disk", "device", len(disk_payloads), start)
+        self.chain.promote(hit.sources, targets)
+        self.chain.drop_remote(request_id)
         self._publish(request_id, state, len(hit.sources))
         if self.enable_prefix_caching:
             self._register_in_flight(request_id, state, hit.num_query_tokens // self.block_size)
@@ -234,28 +172,8 @@ class KVCacheManager:
         return by_tier
 
     def allocate_blocks(self, count: int) -> list[int]:
-        """Takes ``count`` free device blocks for the caller, demoting the cached blocks evicted
-        to make room before anything overwrites them (the one allocation path of every tier
-        operation: admission, growth, prefetch, budgets)."""
-        if count <= 0:
-            return []
-        if self.host is None and self.disk is None:
-            return self.pool.allocate(count)
-        evicted: list[BlockRecord] = []
-        blocks = self.pool.allocate(count, evicted)
-        if evicted:
-            self._demote(evicted)
-        return blocks
-
-    def _demote(self, evicted: list[BlockRecord]) -> None:
-        start = time.perf_counter()
-        if self.host is not None:
-            self.host.demote(evicted, self.kv_cache)
-        elif self.disk is not None:
-            self.disk.store(evicted, self.kv_cache.gather([r.block for r in evicted]))
-        else:
-            return
-        self.record_transfer("demote", "device", (self.host or self.disk).name, len(evicted), start)
+        """Takes ``count`` free device blocks for the caller (the chain demotes what they held)."""
+        return self.chain.allocate(count)
 
     # -- publishing and freeing ---------------------------------------------------------------
 
@@ -294,31 +212,15 @@ class KVCacheManager:
                 del in_flight[key]
 
     def free(self, request_id: str) -> None:
-        """Returns every block of the request, tail first, and forgets it."""
+        """Returns every block of the request, tail first, and forgets it (and what a peer
+        sent it)."""
+        self.chain.drop_remote(request_id)
         state = self._requests.pop(request_id, None)
         if state is None:
             return
         self._unregister_in_flight(request_id, state, state.num_published_blocks, state.num_in_flight_blocks)
         if state.block_ids:
             self.pool.free(reversed(state.block_ids))
-
-    def spill_to_disk(self) -> None:
-        """Queues every cached device and host block for the disk tier (keys it has are skipped),
-        so that an engine started later on the same directory finds the whole cache."""
-        if self.disk is None:
-            return
-        if self.host is not None:
-            self.host.drain()
-        for records, blocks in self.cached_blocks(skip=self.disk.contains):
-            self.disk.store(records, blocks)
-
-    def cached_blocks(self, skip: Callable[[BlockHash], bool] = lambda key: False):
-        """Yields (records, their KV) for the cached blocks of the device, then of the host."""
-        tiers = [(self.pool, self.kv_cache)] + ([(self.host.pool, self.host)] if self.host is not None else [])
-        for pool, storage in tiers:
-            records = [r for r in (pool.record(b) for b in pool.cached.values()) if not skip(r.key)]
-            if records:
-                yield records, storage.gather([r.block for r in records])
 
     # -- introspection ------------------------------------------------------------------------
 

@@ -11,19 +11,15 @@ numbers.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
-from rayk.cache.block_pool import BlockPool, BlockRecord
+from rayk.cache.block_pool import BlockPool
 from rayk.cache.disk_tier import DiskTier
 from rayk.cache.kv_cache_manager import KVCacheManager
 from rayk.cache.policies import EvictionPolicy, copy_policy, make_policy
+from rayk.cache.tier_chain import STORED_TIERS as TIER_NAMES
 from rayk.hashing import BlockHash
-
-TIER_NAMES = ("device", "host", "disk")
 
 
 class MemoryController:
@@ -36,44 +32,21 @@ class MemoryController:
 
     def locate(self, keys: Sequence[BlockHash]) -> dict[str, int]:
         """How many of ``keys`` each tier holds."""
-        m = self.manager
-        self._settle()
-        counts = dict.fromkeys(TIER_NAMES, 0)
-        for key in keys:
-            counts["device"] += key in m.pool.cached
-            counts["host"] += m.host is not None and key in m.host.pool.cached
-            counts["disk"] += m.disk is not None and m.disk.contains(key)
-        return counts
+        return self.manager.chain.count(keys)
 
     # -- evict, offload, prefetch -------------------------------------------------------------
 
     def evict(self, keys: Sequence[BlockHash]) -> dict[str, int]:
         """Drops the keys from every tier (blocks in use or pinned on the device stay there)."""
-        m = self.manager
-        self._settle()
-        evicted = {"device": len(m.pool.evict(keys)), "host": 0, "disk": 0}
-        if m.host is not None:
-            evicted["host"] = m.host.evict(keys)
-        if m.disk is not None:
-            evicted["disk"] = m.disk.evict(keys)
-        return evicted
+        return self.manager.chain.evict(keys)
 
     def clear(self, tiers: Sequence[str] = TIER_NAMES) -> dict[str, int]:
         """Drops every cached block of ``tiers`` (device blocks in use or pinned stay); returns
         how many each tier dropped. A tier left empty announces one ``AllBlocksCleared``."""
-        m = self.manager
         unknown = sorted(set(tiers) - set(TIER_NAMES))
         if isinstance(tiers, str) or unknown:
             raise ValueError(f"tiers must be a list drawn from {TIER_NAMES}, got {tiers!r}")
-        self._settle()
-        dropped = dict.fromkeys(TIER_NAMES, 0)
-        if "device" in tiers:
-            dropped["device"] = len(m.pool.clear())
-        if "host" in tiers and m.host is not None:
-            dropped["host"] = len(m.host.pool.clear())
-        if "disk" in tiers and m.disk is not None:
-            dropped["disk"] = m.disk.clear()
-        return dropped
+        return self.manager.chain.clear(tiers)
 
     def offload(self, keys: Sequence[BlockHash], tier: str = "host") -> int:
         """Moves the keys' free, unpinned blocks down to ``tier`` ("host" or "disk"), out of the
@@ -82,29 +55,9 @@ class MemoryController:
         m = self.manager
         if tier not in ("host", "disk"):
             raise ValueError(f"offload tier must be 'host' or 'disk', got {tier!r}")
-        target = m.host if tier == "host" else m.disk
-        if target is None:
+        if (m.host if tier == "host" else m.disk) is None:
             raise ValueError(f"offload to {tier!r}, but this engine has no {tier} tier")
-        keys = list(dict.fromkeys(keys))
-        self._settle()
-        start = time.perf_counter()
-        moved = m.pool.evict(keys)
-        if moved:
-            if tier == "host":
-                m.host.demote(moved, m.kv_cache)
-            else:
-                m.disk.store(moved, m.kv_cache.gather([r.block for r in moved]))
-            m.record_transfer("offload", "device", tier, len(moved), start)
-        if tier == "disk" and m.host is not None:
-            start = time.perf_counter()
-            from_host = m.host.pool.evict(keys)
-            if from_host:
-                m.disk.store(from_host, m.host.gather([r.block for r in from_host]))
-                m.record_transfer("offload", "host", "disk", len(from_host), start)
-        if tier == "disk":
-            return self.locate(keys)["disk"]  # locate waits for the writes
-        self._settle()
-        return sum(1 for k in keys if k in m.host.pool.cached or (m.disk is not None and m.disk.contains(k)))
+        return m.chain.offload(list(dict.fromkeys(keys)), tier)
 
     def prefetch(self, keys: Sequence[BlockHash], tier: str = "device") -> int:
         """Copies the keys' blocks up into ``tier`` ("device" or "host") from the tiers below, as
@@ -114,61 +67,7 @@ class MemoryController:
             raise ValueError(f"prefetch tier must be 'device' or 'host', got {tier!r}")
         if tier == "host" and m.host is None:
             raise ValueError("prefetch to 'host', but this engine has no host tier")
-        self._settle()
-        start = time.perf_counter()
-        room = m.pool.num_free_blocks if tier == "device" else m.host.pool.num_free_blocks
-        records, blocks, sources = self._read_below(list(dict.fromkeys(keys)), tier, room)
-        if not records:
-            return 0
-        if tier == "host":
-            m.host.store(records, blocks)
-            m.host.drain()
-        else:
-            self._place_on_device(records, blocks)
-        m.record_transfer("prefetch", "+".join(sorted(sources)), tier, len(records), start)
-        return len(records)
-
-    def _place_on_device(self, records: list[BlockRecord], blocks: torch.Tensor) -> None:
-        """Copies blocks into free device blocks and publishes them as cached (unreferenced)."""
-        m = self.manager
-        device_blocks = m.allocate_blocks(len(records))
-        m.kv_cache.scatter(device_blocks, blocks)
-        for block, record in zip(device_blocks, records):
-            m.pool.cache_block(block, record.key, record.parent, record.tokens, record.depth)
-        m.pool.free(device_blocks)
-
-    def _settle(self) -> None:
-        """Waits for pending host copies and disk writes, so every tier shows what it holds."""
-        m = self.manager
-        if m.host is not None:
-            m.host.drain()
-        if m.disk is not None:
-            m.disk.flush()
-
-    def _read_below(self, keys: list[BlockHash], tier: str, limit: int):
-        """Up to ``limit`` records and KV of the keys found below ``tier`` but not in it, in key
-        order, and the tiers they came from."""
-        m = self.manager
-        here = m.pool.cached if tier == "device" else m.host.pool.cached
-        records: list[BlockRecord] = []
-        parts, sources = [], set()
-        for key in keys:
-            if len(records) == limit:
-                break
-            if key in here:
-                continue
-            if tier == "device" and m.host is not None and key in m.host.pool.cached:
-                slot = m.host.pool.cached[key]
-                records.append(m.host.pool.record(slot))
-                parts.append(m.host.read([slot]))
-                sources.add("host")
-            elif m.disk is not None and (entry := m.disk.record(key)) is not None:
-                payload = m.disk.read(key, entry.parent, entry.tokens)
-                if payload is not None:
-                    records.append(entry)
-                    parts.append(payload)
-                    sources.add("disk")
-        return records, (torch.cat(parts, dim=2) if parts else None), sources
+        return m.chain.prefetch(list(dict.fromkeys(keys)), tier)
 
     # -- pins ---------------------------------------------------------------------------------
 
@@ -255,10 +154,10 @@ class MemoryController:
         """Writes every cached block of every tier to the directory ``path`` (created if need
         be) in the disk tier's file format; returns how many blocks the snapshot holds."""
         m = self.manager
-        self._settle()
+        m.chain.settle()
         self._open_snapshot(path, must_exist=False).close()
         snapshot = DiskTier(path, m.kv_cache.layout, m.hasher.fingerprint, 1 << 62, make_policy("lru"))
-        for records, blocks in m.cached_blocks():
+        for records, blocks in m.chain.cached_blocks():
             snapshot.store(records, blocks)
         if m.disk is not None:
             for key in m.disk.keys():
@@ -290,10 +189,10 @@ class MemoryController:
                 elif m.disk is not None:
                     m.disk.store([entry], payload)
                 elif key not in m.pool.cached and m.pool.num_free_blocks:
-                    self._place_on_device([entry], payload)
+                    m.chain.place_on_device([entry], payload)
         finally:
             snapshot.close()
-        self._settle()
+        m.chain.settle()
         held = self.locate(keys)
         return held["host"] if m.host is not None else held["disk"] if m.disk is not None else held["device"]
 

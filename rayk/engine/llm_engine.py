@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from rayk.cache.block_codec import DecodedBatch
 from rayk.cache.events import EventSequencer, KVEventSubscriber
 from rayk.cache.factory import build_tiered_cache
 from rayk.cache.memory_profile import memory_profile
@@ -30,7 +31,7 @@ from rayk.model.architecture import TORCH_DTYPES
 from rayk.model.attention import FLASH_ATTN_BLOCK_SIZE_MULTIPLE, flash_attn_available
 from rayk.model.tokenizer import IncrementalDetokenizer
 from rayk.model.loader import load_model
-from rayk.outputs import CompletionDelta, RequestOutput
+from rayk.outputs import CompletionDelta
 from rayk.sampling_params import SamplingParams
 
 
@@ -110,7 +111,17 @@ class LLMEngine:
         token_ids = self.validate_request(prompt, params, cache_salt=cache_salt)
         return self.add_validated_request(token_ids, params, cache_salt=cache_salt, request_id=request_id)
 
-    def add_validated_request(self, token_ids: list[int], params: SamplingParams, *, cache_salt: str | None = None, request_id: str | None = None) -> str:
+    def add_validated_request(
+        self,
+        token_ids: list[int],
+        params: SamplingParams,
+        *,
+        cache_salt: str | None = None,
+        request_id: str | None = None,
+        remote: DecodedBatch | None = None,
+    ) -> str:
+        """Queues a request checked by ``validate_request``. ``remote`` holds blocks pulled from a
+        peer for it: its prefix lookup finds them after its own tiers (``rayk.cache.tier_chain``)."""
         self.check_open()
         if request_id is None:
             request_id = next(i for i in self._request_ids if i not in self._requests)
@@ -125,6 +136,8 @@ class LLMEngine:
             raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
         request = Request(request_id, token_ids, params, self.arch.eos_token_ids, cache_salt, generator=generator, detokenizer=detokenizer)
         self._requests[request_id] = request
+        if remote is not None and remote.records:
+            self.cache.chain.stage_remote(request_id, remote.records, remote.blocks)
         self.scheduler.add(request)
         return request_id
 
@@ -177,7 +190,7 @@ class LLMEngine:
     def publish_events(self) -> None:
         """Hands the tiers' pending events to subscribers as one batch (every step does; call it
         after changing the cache between steps)."""
-        events = self.cache.drain_events()
+        events = self.cache.chain.drain_events()
         if not events:
             return
         batch = self._event_sequencer.batch(events)
@@ -193,7 +206,7 @@ class LLMEngine:
         none): events up to that batch are in it, later batches follow it. For a directory that
         restarted or lost a batch."""
         self.publish_events()
-        return self._event_sequencer.next_seq - 1, self.cache.inventory()
+        return self._event_sequencer.next_seq - 1, self.cache.chain.inventory()
 
     def close(self) -> None:
         """Stops the engine: unfinished requests are dropped, every cached block is written to
@@ -203,7 +216,7 @@ class LLMEngine:
         for request_id in list(self._requests):
             self.abort_request(request_id)
         if self.disk is not None:
-            self.kv_cache_manager.spill_to_disk()
+            self.cache.chain.spill_to_disk()
             self.disk.close()
         self.closed = True
 
