@@ -15,7 +15,7 @@ import pytest
 
 from rayk.cache.events import AllBlocksCleared, BlocksStored, EventBuffer, EventSequencer, KVEventBatch
 from rayk.cluster.directory import PrefixDirectory
-from rayk.cluster.routing import RouteDecision, Router, WorkerLoad
+from rayk.cluster.routing import FetchPlan, RouteDecision, Router, WorkerLoad
 from rayk.hashing import BlockHasher, model_fingerprint
 
 BLOCK_SIZE = 16
@@ -56,7 +56,7 @@ def test_a_request_goes_to_the_worker_holding_its_prefix():
     decision = router.route("r0", keys, len(tokens), now=0.0)
     assert decision.worker_id == "worker-2"
     assert decision.predicted_hit_tokens == 6 * BLOCK_SIZE == decision.oracle_hit_tokens
-    assert decision.predicted_hit_by_tier == {"device": 6 * BLOCK_SIZE, "pending": 0, "host": 0, "disk": 0}
+    assert decision.predicted_hit_by_tier == {"device": 6 * BLOCK_SIZE, "pending": 0, "host": 0, "disk": 0, "remote": 0}
 
 
 def test_a_hit_never_covers_the_last_prompt_token():
@@ -255,7 +255,7 @@ def test_a_stored_key_is_no_longer_pending_but_held():
     _store(directory, first.worker_id, 0, keys)
     second = router.route("r1", keys, len(tokens), now=0.0)
     assert second.worker_id == first.worker_id
-    assert second.predicted_hit_by_tier == {"device": 6 * BLOCK_SIZE, "pending": 0, "host": 0, "disk": 0}
+    assert second.predicted_hit_by_tier == {"device": 6 * BLOCK_SIZE, "pending": 0, "host": 0, "disk": 0, "remote": 0}
 
 
 def test_removing_a_worker_drops_its_in_flight_requests_and_pending_claims():
@@ -281,6 +281,84 @@ def test_choose_records_nothing():
     assert router.choose(keys, len(tokens)) == choice
     assert router.stats()["decisions"] == {} and directory.match(_keys(_tokens(15, 4))) == {}
     assert [router.choose([], 5, policy="round_robin").worker_id for _ in range(3)] == ["worker-0"] * 3
+
+
+# -- route-or-pull ----------------------------------------------------------------------------
+
+
+def test_a_busy_holder_loses_its_request_to_an_idle_worker_that_pulls():
+    directory, router = _cluster(3)
+    tokens = _tokens(31, 40)
+    keys = _keys(tokens)
+    _store(directory, "worker-1", 0, keys)
+    router.report_load("worker-1", WorkerLoad(num_running=8, queued_prefill_tokens=8000), ())
+    router.report_load("worker-2", WorkerLoad(num_running=1), ())
+    decision = router.route("r0", keys, len(tokens), now=0.0)
+    assert decision.worker_id == "worker-0"
+    assert decision.plan is not None and decision.plan.source == "worker-1" and decision.plan.keys == tuple(keys)
+    assert decision.predicted_hit_by_tier["remote"] == decision.predicted_hit_tokens == 40 * BLOCK_SIZE
+    # The pulled keys are pending on the puller: the next member of the group finds them there.
+    assert router.route("r1", keys, len(tokens), now=0.0).worker_id == "worker-0"
+    stats = router.stats()
+    assert stats["pull_plans"] == 1 and stats["planned_pull_tokens"] == 40 * BLOCK_SIZE
+
+
+def test_an_idle_holder_keeps_its_request_and_a_pull_brings_only_what_is_missing():
+    directory, router = _cluster(2)
+    tokens = _tokens(32, 10)
+    keys = _keys(tokens)
+    _store(directory, "worker-0", 0, keys)
+    assert router.route("r0", keys, len(tokens), now=0.0).plan is None
+    _store(directory, "worker-1", 0, keys[:4])
+    router.report_load("worker-0", WorkerLoad(num_running=8, queued_prefill_tokens=9000), ())
+    decision = router.route("r1", keys, len(tokens), now=0.0)
+    assert decision.worker_id == "worker-1" and decision.plan.keys == tuple(keys[4:])
+    assert decision.predicted_hit_by_tier["device"] == 4 * BLOCK_SIZE and decision.predicted_hit_by_tier["remote"] == 6 * BLOCK_SIZE
+
+
+def test_a_measured_slow_pull_is_not_chosen_and_counts_as_a_recompute():
+    directory, router = _cluster(2)
+    tokens = _tokens(33, 40)
+    keys = _keys(tokens)
+    _store(directory, "worker-1", 0, keys)
+    router.report_load("worker-1", WorkerLoad(num_running=8, queued_prefill_tokens=8000), ())
+    router.report_load("worker-0", WorkerLoad(prefill_tokens_per_s=1000.0, pull_tokens_per_s=900.0), ())
+    decision = router.route("r0", keys, len(tokens), now=0.0)
+    assert decision.worker_id == "worker-0" and decision.plan is None and decision.predicted_hit_tokens == 0
+    assert router.stats()["recomputes_chosen"] == 1
+
+
+@pytest.mark.parametrize("pull", ["always", "never"])
+def test_pull_always_and_never_decide_for_a_forced_worker(pull):
+    directory, router = _cluster(2, pull="auto")
+    tokens = _tokens(34, 5)
+    keys = _keys(tokens)
+    _store(directory, "worker-0", 0, keys)
+    decision = router.route("r0", keys, len(tokens), worker="worker-1", pull=pull, now=0.0)
+    assert decision.worker_id == "worker-1"
+    assert (decision.plan is not None) == (pull == "always")
+    if pull == "always":
+        assert decision.plan == FetchPlan("worker-0", tuple(keys))
+
+
+def test_pending_blocks_are_never_pulled():
+    directory, router = _cluster(2)
+    tokens = _tokens(35, 8)
+    keys = _keys(tokens)
+    first = router.route("r0", keys, len(tokens), now=0.0)
+    other = "worker-1" if first.worker_id == "worker-0" else "worker-0"
+    decision = router.route("r1", keys, len(tokens), worker=other, pull="always", now=0.0)
+    assert decision.plan is None
+
+
+def test_pull_options_are_checked():
+    with pytest.raises(ValueError, match="pull must be one of"):
+        _cluster(1, pull="sometimes")
+    directory, router = _cluster(1)
+    with pytest.raises(ValueError, match="pull must be one of"):
+        router.route("r0", _keys(_tokens(1, 2)), 40, pull="maybe", now=0.0)
+    with pytest.raises(ValueError, match="prefill_tokens_per_s"):
+        WorkerLoad(prefill_tokens_per_s=-1.0)
 
 
 # -- the boundary -----------------------------------------------------------------------------
@@ -455,7 +533,7 @@ def _simulate(policy: str, concurrency: int, capacity: int | None = None, seed: 
     (actual hit tokens / oracle hit tokens) and the imbalance (max / mean requests per worker)."""
     trace = _grouped_trace(seed=seed)
     oracle = _oracle_hits(trace)
-    directory, router = _cluster(num_workers, policy=policy, seed=seed)
+    directory, router = _cluster(num_workers, policy=policy, seed=seed, pull="never")  # simulated workers do not pull
     rng = random.Random(seed)
     workers = {worker_id: _SimWorker(worker_id, capacity, rng) for worker_id in directory.workers()}
     queue, in_flight, actual, step = deque(trace), 0, {}, 0

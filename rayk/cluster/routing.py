@@ -72,18 +72,42 @@ DEFAULT_TIER_COSTS = {"device": 0.0, "pending": 0.0, "host": 0.1, "disk": 0.3}
 
 @dataclass(frozen=True)
 class WorkerLoad:
-    """What a worker reports with each event batch (requests and prompt tokens)."""
+    """What a worker reports with each event batch (requests and prompt tokens), and the rates
+    it measured (tokens per second; 0.0 while it has measured none)."""
 
     num_waiting: int = 0
     num_running: int = 0
     queued_prefill_tokens: int = 0
     free_blocks: int = 0
+    prefill_tokens_per_s: float = 0.0
+    pull_tokens_per_s: float = 0.0
+    """Tokens of KV a pull from a peer brings per second, the whole call included."""
 
     def __post_init__(self):
         for name in ("num_waiting", "num_running", "queued_prefill_tokens", "free_blocks"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"WorkerLoad.{name} must be an int >= 0, got {value!r}")
+        for name in ("prefill_tokens_per_s", "pull_tokens_per_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"WorkerLoad.{name} must be a number >= 0 (tokens per second), got {value!r}")
+
+    def pull_cost(self) -> float | None:
+        """What a token pulled from a peer costs this worker, as a fraction of computing it
+        (its prefill rate over its pull rate); None until it has measured both."""
+        if self.prefill_tokens_per_s > 0 and self.pull_tokens_per_s > 0:
+            return self.prefill_tokens_per_s / self.pull_tokens_per_s
+        return None
+
+
+@dataclass(frozen=True)
+class FetchPlan:
+    """Blocks the chosen worker pulls from a peer before serving a request: ``keys`` (a run of
+    the request's chain, in order) from ``source``."""
+
+    source: str
+    keys: tuple[BlockHash, ...]
 
 
 @dataclass(frozen=True)
@@ -98,6 +122,8 @@ class RouteDecision:
     oracle_hit_tokens: int
     estimated_cost_tokens: float
     """The chosen worker's cost: uncached prefill (tier-weighted) + queue_weight * queued work."""
+    plan: FetchPlan | None = None
+    """Blocks to pull from a peer first (their tokens are in ``predicted_hit_by_tier['remote']``)."""
 
 
 class _WorkerState:
@@ -147,13 +173,16 @@ class RouteChoice(NamedTuple):
     worker_id: str
     hit: BlocksByTier
     oracle_blocks: int  # the largest hit any routable worker holds; 0: the request seeds a prefix
-    saved_tokens: float  # prefill the chosen worker's hit saves (tier-weighted tokens)
+    saved_tokens: float  # prefill the chosen worker's hit (and pull) saves (tier-weighted tokens)
+    plan: FetchPlan | None = None
+    lacked_blocks: int = 0  # blocks a peer holds beyond the chosen worker's hit
 
 
 class Router:
     """Routes requests over the workers added to it, reading ``directory`` (see module doc)."""
 
     POLICIES = ("prefix", "round_robin", "least_loaded", "random")
+    PULLS = ("auto", "always", "never")
 
     def __init__(
         self,
@@ -167,6 +196,9 @@ class Router:
         completed_claim_s: float = 1.0,
         queue_weight: float = 0.25,
         decode_tokens_per_request: float = 4.0,
+        pull: str = "auto",
+        default_pull_cost: float = 0.2,
+        pull_overhead_tokens: float = 64.0,
     ):
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"Router.block_size must be an int >= 1 (tokens), got {block_size!r}")
@@ -182,6 +214,11 @@ class Router:
             raise ValueError(f"Router.queue_weight must be in [0, 1], got {queue_weight!r}")
         if not decode_tokens_per_request >= 0:
             raise ValueError(f"Router.decode_tokens_per_request must be >= 0 (tokens), got {decode_tokens_per_request!r}")
+        check_pull(pull)
+        if not 0 <= default_pull_cost <= 1:
+            raise ValueError(f"Router.default_pull_cost must be in [0, 1], got {default_pull_cost!r}")
+        if not pull_overhead_tokens >= 0:
+            raise ValueError(f"Router.pull_overhead_tokens must be >= 0 (tokens), got {pull_overhead_tokens!r}")
         self.directory = directory
         self.block_size = block_size
         self.policy = policy
@@ -189,6 +226,9 @@ class Router:
         self.completed_claim_s = float(completed_claim_s)
         self.queue_weight = float(queue_weight)
         self.decode_tokens_per_request = float(decode_tokens_per_request)
+        self.pull = pull
+        self.default_pull_cost = float(default_pull_cost)
+        self.pull_overhead_tokens = float(pull_overhead_tokens)
         # Tokens a cached block saves against a miss, per tier, in BlocksByTier order.
         self._saved_per_block = tuple(block_size * (1.0 - costs[tier]) for tier in MATCH_TIERS)
         self._random = random.Random(seed)
@@ -198,6 +238,7 @@ class Router:
         self._order: list[str] = []
         self._index: dict[str, int] = {}
         self._queue_costs: list[float] = []
+        self._pull_costs: list[float] = []  # a pulled token's cost as a fraction of a computed one
         self._prefix_sets: list[set[BlockHash]] = []
         self._states: dict[str, _WorkerState] = {}
         self._in_flight: dict[str, _InFlight] = {}
@@ -221,6 +262,7 @@ class Router:
         self._index[worker_id] = len(self._order)
         self._order.append(worker_id)
         self._queue_costs.append(0.0)
+        self._pull_costs.append(self.default_pull_cost)
         self._prefix_sets.extend(self.directory.prefix_sets([worker_id]))
 
     def remove_worker(self, worker_id: str) -> None:
@@ -233,7 +275,7 @@ class Router:
         for request_id in [r for r, c in self._claims.items() if c.worker_id == worker_id]:
             self._end_claim(request_id)
         index = self._index.pop(worker_id)
-        del self._order[index], self._queue_costs[index], self._prefix_sets[index], self._states[worker_id]
+        del self._order[index], self._queue_costs[index], self._pull_costs[index], self._prefix_sets[index], self._states[worker_id]
         self._index = {w: i for i, w in enumerate(self._order)}
 
     def report_load(self, worker_id: str, load: WorkerLoad, received_request_ids: Sequence[str] = ()) -> None:
@@ -245,6 +287,9 @@ class Router:
         state.load = load
         for request_id in received_request_ids:
             state.take_unreported(request_id)
+        measured = load.pull_cost()
+        if measured is not None:
+            self._pull_costs[self._index[worker_id]] = measured
         self._refresh(worker_id)
 
     # -- routing ------------------------------------------------------------------------------
@@ -257,23 +302,26 @@ class Router:
         *,
         policy: str | None = None,
         worker: str | None = None,
+        pull: str | None = None,
         now: float | None = None,
     ) -> RouteDecision:
         """Picks a worker for a request: ``keys`` are its full blocks' keys, from the first, and
-        ``num_tokens`` its prompt length. ``worker`` forces one; ``policy`` overrides the router's.
-        ``now`` (seconds, monotonic) expires pending claims; it defaults to ``time.monotonic()``."""
+        ``num_tokens`` its prompt length. ``worker`` forces one; ``policy`` and ``pull`` override
+        the router's. ``now`` (seconds, monotonic) expires pending claims; it defaults to
+        ``time.monotonic()``."""
         if request_id in self._in_flight:
             raise ValueError(f"request_id {request_id!r} is already in flight")
         now = time.monotonic() if now is None else now
         self.expire_claims(now)
-        choice = self.choose(keys, num_tokens, policy=policy, worker=worker)
+        choice = self.choose(keys, num_tokens, policy=policy, worker=worker, pull=pull)
         policy = self.policy if policy is None else policy
         # The rotations advance per route, so choose() alone never changes a later choice.
         self._next_tie += 1
         self._next_round_robin += policy == "round_robin" and worker is None
 
-        chosen, counts = choice.worker_id, choice.hit
-        predicted = counts.num_blocks * self.block_size
+        chosen, counts, plan = choice.worker_id, choice.hit, choice.plan
+        pulled = len(plan.keys) * self.block_size if plan is not None else 0
+        predicted = counts.num_blocks * self.block_size + pulled
         prefill = num_tokens - choice.saved_tokens
         index = self._index[chosen]
         cost = prefill + self._queue_costs[index]
@@ -298,13 +346,20 @@ class Router:
         self._routed[chosen] += 1
         self._totals["predicted_hit_tokens"] += predicted
         self._totals["oracle_hit_tokens"] += oracle
+        self._totals["pull_plans"] += plan is not None
+        self._totals["planned_pull_tokens"] += pulled
+        self._totals["recomputes_chosen"] += plan is None and choice.lacked_blocks > 0
         by_tier = dict(zip(MATCH_TIERS, map(self.block_size.__mul__, counts)))
-        return RouteDecision(request_id, chosen, policy, predicted, by_tier, oracle, cost)
+        by_tier["remote"] = pulled
+        return RouteDecision(request_id, chosen, policy, predicted, by_tier, oracle, cost, plan)
 
-    def choose(self, keys: Sequence[BlockHash], num_tokens: int, *, policy: str | None = None, worker: str | None = None) -> RouteChoice:
+    def choose(
+        self, keys: Sequence[BlockHash], num_tokens: int, *, policy: str | None = None, worker: str | None = None, pull: str | None = None
+    ) -> RouteChoice:
         """The worker ``route`` would pick for a request, and its hit there, without routing it:
         no pending claim and no bookkeeping (``random`` does draw from the router's generator)."""
         policy = self.policy if policy is None else _check_policy(policy)
+        pull = self.pull if pull is None else check_pull(pull)
         if not self._order:
             raise RuntimeError("Router has no workers to route to: add_worker first")
         if worker is not None and worker not in self._states:
@@ -316,14 +371,19 @@ class Router:
         saved: dict[str, float] = {}  # holder -> prefill tokens its cached blocks save
         waits_for: dict[str, float] = {}  # holder -> tokens of its pending hit (queued already)
         oracle_blocks = 0
+        source, source_blocks = None, 0  # the routable worker holding the longest pullable run
         device, pending, host, disk = self._saved_per_block
         for counts, holders in held.items():
             saved.update(dict.fromkeys(holders, counts[0] * device + counts[1] * pending + counts[2] * host + counts[3] * disk))
             if counts[1]:
                 waits_for.update(dict.fromkeys(holders, counts[1] * self.block_size))
-            if any(map(self._states.__contains__, holders)):
+            routable = [h for h in holders if h in self._states]
+            if routable:
                 oracle_blocks = max(oracle_blocks, counts.num_blocks)
+                if not counts[1] and counts.num_blocks > source_blocks:
+                    source, source_blocks = routable[0], counts.num_blocks
 
+        pulls: dict[str, float] = {}  # worker -> credit with a pull, where that beats its own hit
         if worker is not None:
             chosen = worker
         elif policy == "prefix":
@@ -334,6 +394,10 @@ class Router:
                     index = self._index.get(worker_id)
                     if index is not None:
                         credit[worker_id] += min(self._queue_costs[index], self.queue_weight * tokens)
+            if source is not None and pull == "auto":
+                pulls = self._pull_credits(held, saved, source, source_blocks)
+                if pulls:
+                    credit = {**credit, **pulls}
             chosen = self._cheapest(credit, num_tokens, seeding=not oracle_blocks)
         elif policy == "least_loaded":
             chosen = self._cheapest({}, num_tokens, seeding=False)
@@ -347,7 +411,34 @@ class Router:
                 if chosen in holders:
                     hit = counts
                     break
-        return RouteChoice(chosen, hit, oracle_blocks, saved.get(chosen, 0.0))
+        lacked = source_blocks - hit.num_blocks if source is not None and source != chosen else 0
+        plan = None
+        if lacked > 0 and (chosen in pulls or (pull == "always" and not hit.pending)):
+            plan = FetchPlan(source, tuple(keys[hit.num_blocks : source_blocks]))
+        saved_tokens = pulls[chosen] if chosen in pulls else saved.get(chosen, 0.0)
+        if plan is not None and chosen not in pulls:
+            pull_cost = lacked * self.block_size * min(1.0, self._pull_costs[self._index[chosen]]) + self.pull_overhead_tokens
+            saved_tokens += max(0.0, lacked * self.block_size - pull_cost)
+        return RouteChoice(chosen, hit, oracle_blocks, saved_tokens, plan, lacked)
+
+    def _pull_credits(self, held: dict[BlocksByTier, list[str]], saved: dict[str, float], source: str, source_blocks: int) -> dict[str, float]:
+        """Credit (saved prefill tokens) for serving with a pull from ``source``, for the workers
+        where it beats their own hit: the least loaded worker and the partial holders (any other
+        worker is dearer than the least loaded one, with the same pull)."""
+        candidates = {self._order[self._queue_costs.index(min(self._queue_costs))]: BlocksByTier()}
+        for counts, holders in held.items():
+            if not counts[1]:
+                candidates.update((h, counts) for h in holders if h in self._states)
+        credits = {}
+        for worker_id, own in candidates.items():
+            if worker_id == source or own.num_blocks >= source_blocks:
+                continue
+            cost = self._pull_costs[self._index[worker_id]]
+            pulled = (source_blocks - own.num_blocks) * self.block_size
+            credit = saved.get(worker_id, 0.0) + pulled * (1.0 - cost) - self.pull_overhead_tokens
+            if credit > saved.get(worker_id, 0.0):
+                credits[worker_id] = credit
+        return credits
 
     def _cheapest(self, saved: dict[str, float], num_tokens: int, seeding: bool) -> str:
         """The worker of least ``queue_weight * queued - saved``; ``saved`` is each holder's credit
@@ -415,6 +506,9 @@ class Router:
             "prediction_error_tokens": t["prediction_error_tokens"],
             "prediction_accuracy": 1.0 - t["prediction_error_tokens"] / larger if larger else None,
             "exact_predictions": t["exact_predictions"],
+            "pull_plans": t["pull_plans"],
+            "planned_pull_tokens": t["planned_pull_tokens"],
+            "recomputes_chosen": t["recomputes_chosen"],
             "routed_per_worker": dict(self._routed),
         }
 
@@ -464,6 +558,13 @@ class Router:
     def _end_claim(self, request_id: str) -> None:
         claim = self._claims.pop(request_id)
         self.directory.end_pending(claim.worker_id, claim.keys, request_id)
+
+
+def check_pull(pull: str) -> str:
+    """``pull`` if it is one of ``Router.PULLS``; a ValueError naming it otherwise."""
+    if pull not in Router.PULLS:
+        raise ValueError(f"pull must be one of {Router.PULLS}, got {pull!r}")
+    return pull
 
 
 def _check_policy(policy: str) -> str:
