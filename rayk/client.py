@@ -5,6 +5,10 @@ A deployment is a coordinator actor (``rayk-coordinator``) and cache workers (``
 itself, with the hasher of the workers' model, asks the coordinator where to send it (block keys
 only), then calls that worker directly: tokens and KV never pass through the coordinator.
 
+A route may come with a fetch plan: the worker pulls the planned blocks from a peer (through
+Ray's object store) before it serves the request. ``pull`` ("auto", "always", "never") is set per
+cluster and may be overridden per request.
+
 A request whose worker dies is routed again (twice at most) to a live worker (``generate``,
 ``submit`` and ``chat``; not a ``stream``, which may have yielded part of its output already).
 """
@@ -24,7 +28,7 @@ import ray
 
 from rayk.cluster.coordinator import COORDINATOR_NAME, MIN_LIVENESS_TIMEOUT_S, Coordinator
 from rayk.cluster.reporting import HEARTBEAT_S
-from rayk.cluster.routing import RouteDecision, Router
+from rayk.cluster.routing import RouteDecision, Router, check_pull
 from rayk.cluster.worker import WORKER_NAME_PREFIX, CacheWorker, worker_actor_name
 from rayk.cache.memory_controller import check_num_bytes
 from rayk.config import EngineConfig
@@ -51,6 +55,7 @@ class _Request:
     keys: list[BlockHash]
     worker: str | None
     routing: str | None
+    pull: str | None
 
 
 class Cluster:
@@ -60,8 +65,11 @@ class Cluster:
     ``address`` it joins that Ray cluster; when Ray is already initialized it uses it.
     ``num_workers`` defaults to the cluster's GPUs (one worker each), or 2 in CPU mode.
     ``options`` are ``rayk.LLM``'s (``block_size``, ``num_device_blocks``, ``host_blocks``,
-    ``disk_dir`` — each worker gets its own subdirectory —, …). Leaving the ``with`` block shuts
-    down what it started.
+    ``disk_dir`` — each worker gets its own subdirectory —, …); ``eviction_policy`` defaults to
+    ``cluster_aware`` here: a block another worker also holds is evicted before a last copy.
+    ``pull`` ("auto", "always", "never") says whether routes may come with fetch plans;
+    ``pull_timeout_s`` bounds one pull (after it the request computes those tokens). Leaving the
+    ``with`` block shuts down what it started.
     """
 
     def __init__(
@@ -70,14 +78,19 @@ class Cluster:
         *,
         num_workers: int | None = None,
         routing: str = "prefix",
+        pull: str = "auto",
         address: str | None = None,
         namespace: str = "rayk",
         device: str = "auto",
         liveness_timeout_s: float = 3.0,
+        pull_timeout_s: float = 10.0,
         **options,
     ):
         if routing not in Router.POLICIES:
             raise ValueError(f"routing must be one of {Router.POLICIES}, got {routing!r}")
+        check_pull(pull)
+        if isinstance(pull_timeout_s, bool) or not isinstance(pull_timeout_s, (int, float)) or not pull_timeout_s > 0:
+            raise ValueError(f"pull_timeout_s must be a number of seconds > 0, got {pull_timeout_s!r}")
         if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1):
             raise ValueError(f"num_workers must be an int >= 1 or None, got {num_workers!r}")
         if device not in ("auto", "cpu", "cuda"):
@@ -87,6 +100,7 @@ class Cluster:
                 f"liveness_timeout_s must be a number of seconds >= {MIN_LIVENESS_TIMEOUT_S} (twice the workers' "
                 f"{HEARTBEAT_S} s heartbeat), got {liveness_timeout_s!r}"
             )
+        options.setdefault("eviction_policy", "cluster_aware")
         config = EngineConfig.from_options(model, device=device, **options)
         self._started_ray = _init_ray(address, namespace)
         self.namespace = namespace
@@ -98,10 +112,10 @@ class Cluster:
         try:
             coordinator = Coordinator.options(
                 name=COORDINATOR_NAME, namespace=namespace, lifetime="detached", max_restarts=-1, num_cpus=0
-            ).remote(config.cache.block_size, routing, float(liveness_timeout_s))
+            ).remote(config.cache.block_size, routing, float(liveness_timeout_s), pull)
             created = True  # from here on the namespace's actors are this call's own
             ray.get(coordinator.config.remote())
-            started = self._start_workers(config, num_workers, device)
+            started = self._start_workers(config, num_workers, device, float(pull_timeout_s))
             self._owns_deployment = True
             self._attach(started)
         except BaseException:
@@ -111,7 +125,7 @@ class Cluster:
                 ray.shutdown()
             raise
 
-    def _start_workers(self, config: EngineConfig, num_workers: int | None, device: str) -> list[str]:
+    def _start_workers(self, config: EngineConfig, num_workers: int | None, device: str, pull_timeout_s: float) -> list[str]:
         """Starts the workers; returns their ids once each has loaded its model."""
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
@@ -145,7 +159,7 @@ class Cluster:
                     scheduling_strategy="SPREAD",
                     max_restarts=WORKER_MAX_RESTARTS,
                     **placement,
-                ).remote(worker_id, worker_config, COORDINATOR_NAME, self.namespace, num_threads)
+                ).remote(worker_id, worker_config, COORDINATOR_NAME, self.namespace, num_threads, pull_timeout_s=pull_timeout_s)
             )
         for i, ref in enumerate([w.info.remote() for w in workers]):
             try:
@@ -214,10 +228,11 @@ class Cluster:
         cache_salt: str | None = None,
         worker: str | None = None,
         routing: str | None = None,
+        pull: str | None = None,
     ) -> list[ClusterRequestOutput]:
         """Generates for every prompt across the cluster; outputs in prompt order. Every prompt
         is checked before any is sent: one bad prompt raises and none runs."""
-        requests = self._prepare(prompts, sampling_params, cache_salt, worker, routing)
+        requests = self._prepare(prompts, sampling_params, cache_salt, worker, routing, pull)
         futures = [concurrent.futures.Future() for _ in requests]
         self._dispatch(requests, futures, _RETRIES)
         return [f.result() for f in futures]
@@ -230,9 +245,10 @@ class Cluster:
         cache_salt: str | None = None,
         worker: str | None = None,
         routing: str | None = None,
+        pull: str | None = None,
     ) -> concurrent.futures.Future:
         """Sends one prompt; returns a future of its ``ClusterRequestOutput``."""
-        requests = self._prepare([prompt], sampling_params, cache_salt, worker, routing)
+        requests = self._prepare([prompt], sampling_params, cache_salt, worker, routing, pull)
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._dispatch(requests, [future], _RETRIES)
         return future
@@ -245,18 +261,19 @@ class Cluster:
         cache_salt: str | None = None,
         worker: str | None = None,
         routing: str | None = None,
+        pull: str | None = None,
     ) -> Iterator[CompletionDelta]:
         """Yields the prompt's deltas as its worker produces them; the last carries the output.
         Unlike ``generate``, a stream is not sent again when its worker dies (part of it has been
         yielded already): the error reaches the caller. A caller that stops reading early cancels
         the request on the worker."""
-        [request] = self._prepare([prompt], sampling_params, cache_salt, worker, routing)
+        [request] = self._prepare([prompt], sampling_params, cache_salt, worker, routing, pull)
         [decision] = self._route([request])
         if isinstance(decision, Exception):
             raise decision
         hit = generator = None
         try:
-            generator = self._worker(decision.worker_id).stream.remote(request.token_ids, request.params, request.cache_salt, request.request_id)
+            generator = self._worker(decision.worker_id).stream.remote(request.token_ids, request.params, request.cache_salt, request.request_id, decision.plan)
             for ref in generator:
                 delta = ray.get(ref)
                 if delta.finished:
@@ -280,17 +297,20 @@ class Cluster:
         cache_salt: str | None = None,
         worker: str | None = None,
         routing: str | None = None,
+        pull: str | None = None,
     ) -> list[ClusterRequestOutput]:
         """Replies to one conversation or a list of them (see ``rayk.LLM.chat``)."""
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer, so no chat template; pass token ids to generate()")
         prompts = render_conversations(self.tokenizer, messages, add_generation_prompt)
-        return self.generate(prompts, sampling_params, cache_salt=cache_salt, worker=worker, routing=routing)
+        return self.generate(prompts, sampling_params, cache_salt=cache_salt, worker=worker, routing=routing, pull=pull)
 
-    def _prepare(self, prompts, sampling_params, cache_salt, worker, routing) -> list[_Request]:
+    def _prepare(self, prompts, sampling_params, cache_salt, worker, routing, pull=None) -> list[_Request]:
         self._check_open()
         if routing is not None and routing not in Router.POLICIES:
             raise ValueError(f"routing must be one of {Router.POLICIES}, got {routing!r}")
+        if pull is not None:
+            check_pull(pull)
         if worker is not None and not isinstance(worker, str):
             raise TypeError(f"worker must be a worker id string such as 'worker-0', got {type(worker).__name__}")
         batch = as_prompt_batch(prompts)
@@ -300,11 +320,11 @@ class Cluster:
             where = "prompt" if len(batch) == 1 else f"prompts[{i}]"
             token_ids = request_token_ids(prompt, sp, self.tokenizer, self.vocab_size, self.max_model_len, where, cache_salt)
             keys = self.hasher.hash_blocks(token_ids, cache_salt)
-            requests.append(_Request(uuid.uuid4().hex, token_ids, sp, cache_salt, keys, worker, routing))
+            requests.append(_Request(uuid.uuid4().hex, token_ids, sp, cache_salt, keys, worker, routing, pull))
         return requests
 
     def _route(self, requests: list[_Request]) -> list[RouteDecision | Exception]:
-        batch = [(r.request_id, r.keys, len(r.token_ids), r.routing, r.worker) for r in requests]
+        batch = [(r.request_id, r.keys, len(r.token_ids), r.routing, r.worker, r.pull) for r in requests]
         return ray.get(self._coordinator.route_many.remote(batch))
 
     def _dispatch(self, requests: list[_Request], futures: list[concurrent.futures.Future], retries: int) -> None:
@@ -318,7 +338,7 @@ class Cluster:
         for sent, (request, future, decision) in enumerate(zip(requests, futures, decisions)):
             try:
                 handle = self._worker(decision.worker_id)
-                ref = handle.generate.remote(request.token_ids, request.params, request.cache_salt, request.request_id)
+                ref = handle.generate.remote(request.token_ids, request.params, request.cache_salt, request.request_id, decision.plan)
             except BaseException:
                 # The rest were routed but will never run: the coordinator must not wait for them.
                 self._coordinator.complete.remote([(d.request_id, None) for d in decisions[sent:]])
@@ -362,7 +382,10 @@ class Cluster:
         """Cluster-wide statistics as a plain dict.
 
         ``workers``: per worker id, its engine's stats plus ``node_id``, ``actor_name``,
-        ``epoch``, ``load`` and ``reporter``; ``cluster``: the same keys summed over the workers
+        ``epoch``, ``load``, ``reporter``, ``transfers`` (blocks and bytes pulled from and served
+        to peers, the measured pull and prefill rates, failed pulls by reason) and
+        ``replicated_blocks`` (its blocks another worker holds too); ``unavailable_workers``: the
+        live workers that did not answer (restarting), with the error; ``cluster``: the same keys summed over the workers
         (rates recomputed; empty while the coordinator knows no worker, as right after it restarted);
         ``directory``: ``blocks``, the distinct keys the coordinator's directory holds, ``workers``,
         the keys per worker (a block cached on two workers counts on both, so these may add up
@@ -372,10 +395,17 @@ class Cluster:
         """
         self._check_open()
         worker_ids = self.workers()
-        per_worker = dict(zip(worker_ids, ray.get([self._worker(w).stats.remote() for w in worker_ids])))
+        refs = [self._worker(w).stats.remote() for w in worker_ids]
+        per_worker, unavailable = {}, {}
+        for worker_id, ref in zip(worker_ids, refs):
+            try:
+                per_worker[worker_id] = ray.get(ref)
+            except ray.exceptions.RayActorError as error:  # dead or restarting: the others still count
+                unavailable[worker_id] = str(error).splitlines()[0]
         coordinator = ray.get(self._coordinator.stats.remote())
         return {
             "workers": per_worker,
+            "unavailable_workers": unavailable,
             "cluster": _sum_stats(list(per_worker.values())) if per_worker else {},
             "directory": coordinator["directory"],
             "routing": coordinator["routing"],
@@ -384,11 +414,41 @@ class Cluster:
 
     # -- manual memory control: one worker (worker=) or every worker --------------------------
 
-    def warm(self, prompts, *, cache_salt: str | None = None, worker: str | None = None) -> list[ClusterRequestOutput]:
-        """Computes the prompts' KV ahead of traffic on ``worker``, or on every worker."""
+    def warm(self, prompts, *, workers: int | Sequence[str] | None = None, cache_salt: str | None = None) -> list[ClusterRequestOutput]:
+        """Puts the prompts' KV on ``workers`` ahead of traffic: every worker (None), that many
+        (an int), or the workers named (a list). For each prompt one worker computes it, or
+        already holds it; the others pull it from there rather than compute it again.
+        Returns every output, the first worker's first."""
+        live = self.workers()
+        if workers is None:
+            named, count = None, len(live)
+        elif isinstance(workers, int) and not isinstance(workers, bool):
+            if not 1 <= workers <= len(live):
+                raise ValueError(f"workers must be between 1 and the {len(live)} live workers, got {workers}")
+            named, count = None, workers
+        elif isinstance(workers, Sequence) and not isinstance(workers, str) and workers:
+            unknown = [w for w in workers if w not in live]
+            if unknown or len(set(workers)) != len(workers):
+                raise ValueError(f"workers must name distinct live workers {live}, got {list(workers)!r}")
+            named, count = list(workers), len(workers)
+        else:
+            raise ValueError(f"workers must be None, an int or a list of worker ids, got {workers!r}")
         params = SamplingParams(temperature=0, max_tokens=1)
-        targets = [worker] if worker is not None else self.workers()
-        return [o for w in targets for o in self.generate(prompts, params, cache_salt=cache_salt, worker=w)]
+        outputs = []
+        for prompt in as_prompt_batch(prompts):
+            first_worker = named[0] if named else None
+            [first] = self.generate(prompt, params, cache_salt=cache_salt, worker=first_worker, pull="always" if named else None)
+            outputs.append(first)
+            others = [w for w in (named or live) if w != first.worker][: count - 1]
+            if others:
+                self._control("flush_events", first.worker)  # the directory shows what it now holds
+                futures = [self.submit(prompt, params, cache_salt=cache_salt, worker=w, pull="always") for w in others]
+                outputs.extend(f.result() for f in futures)
+        return outputs
+
+    def locate(self, target, *, cache_salt: str | None = None, worker: str | None = None):
+        """How many of the target's blocks each tier of ``worker`` (or of every worker) holds."""
+        return self._control("locate", worker, self._keys(target, cache_salt))
 
     def evict(self, target, *, cache_salt: str | None = None, worker: str | None = None):
         return self._control("evict", worker, self._keys(target, cache_salt))

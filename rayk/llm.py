@@ -125,6 +125,10 @@ class LLM:
         """The keys of a prompt's full blocks."""
         return self.engine.block_hashes(prompt, cache_salt)
 
+    def locate(self, target, *, cache_salt: str | None = None) -> dict[str, int]:
+        """How many of the target's blocks (a prompt, or a list of keys) each tier holds."""
+        return self.engine.memory.locate(self._keys(target, cache_salt))
+
     def evict(self, target, *, cache_salt: str | None = None) -> dict[str, int]:
         """Drops the target's blocks from every tier; returns how many each tier dropped."""
         return self.engine.memory.evict(self._keys(target, cache_salt))

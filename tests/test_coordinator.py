@@ -87,3 +87,21 @@ def test_a_cleared_device_tier_ends_the_claims_its_completed_requests_left():
     assert state.stats()["routing"]["pending_claims"] == 1, "the running request still computes its blocks"
     assert state.route("again", KEYS, 80).oracle_hit_tokens == 0
     assert running.worker_id == done.worker_id
+
+
+def test_replica_changes_tell_each_worker_what_gained_or_lost_a_copy_elsewhere():
+    state = CoordinatorState(block_size=16)
+    for worker_id in ("worker-0", "worker-1"):
+        state.report(worker_id, 1, [], WorkerLoad(), [], now=0.0)
+        state.load_inventory(worker_id, 1, -1, {})
+    state.report("worker-0", 1, [_batch(0)], WorkerLoad(), [], now=0.1)
+    assert state.replica_changes("worker-0", 1) == ([], [])
+    state.report("worker-1", 1, [_batch(0, KEYS[:2])], WorkerLoad(), [], now=0.1)
+    gained, lost = state.replica_changes("worker-0", 1)
+    assert sorted(gained) == sorted(KEYS[:2]) and lost == []
+    assert state.replica_changes("worker-0", 1) == ([], [])  # only changes are sent
+    state.remove_worker("worker-1")
+    gained, lost = state.replica_changes("worker-0", 1)
+    assert gained == [] and sorted(lost) == sorted(KEYS[:2])
+    assert state.replica_changes("worker-9", 1) == ([], [])
+    assert state.replica_changes("worker-0", 7) == ([], [])  # not this incarnation

@@ -133,3 +133,23 @@ def test_policies_forget_what_they_knew_of_dropped_blocks(name):
         policy.on_access(info)
         policy.on_remove(info.key, dropped=True)
     assert len(policy.frequency) == 0
+
+
+def test_cluster_aware_evicts_replicas_before_last_copies_and_is_lru_within_each():
+    pool = _pool("cluster_aware")
+    assert _victims(_pool("cluster_aware"), 4) == [0, 1, 2, 3]  # nothing replicated: plain LRU
+    pool.policy.set_replicated([_key(2), _key(3)], True)
+    assert _victims(pool, 3) == [2, 3, 0]
+    pool = _pool("cluster_aware")
+    pool.policy.set_replicated([_key(1)], True)
+    pool.policy.set_replicated([_key(1)], False)  # its replica went away: a last copy again
+    pool.policy.set_replicated([_key(0)], True)
+    assert _victims(pool, 4) == [0, 2, 3, 1]
+
+
+def test_cluster_aware_remembers_replicas_of_blocks_taken_into_use():
+    pool = _pool("cluster_aware")
+    pool.policy.set_replicated([_key(3)], True)
+    pool.touch([3])  # in use: no longer a candidate
+    pool.free([3])  # a candidate again, still a replica
+    assert _victims(pool, 1) == [3]

@@ -213,7 +213,7 @@ def verified(payload: np.ndarray, checksum: int) -> bool:
 def decode_payloads(payloads: Sequence[np.ndarray], compression: str | None, layout: KVLayout) -> torch.Tensor:
     """``[2, layers, n, ...]`` in the model's dtype from blocks' payload bytes (a new tensor)."""
     n = len(payloads)
-    raw = torch.from_numpy(np.stack(payloads) if n != 1 else payloads[0].reshape(1, -1))
+    raw = torch.from_numpy(np.stack(payloads))  # a copy: payloads may be read-only views
     block_shape = (layout.block_size, layout.num_kv_heads, layout.head_dim)
     if compression is None:
         return raw.view(layout.dtype).view(n, 2, layout.num_layers, *block_shape).permute(1, 2, 0, 3, 4, 5).contiguous()

@@ -27,6 +27,7 @@ class MemoryController:
         """``min_device_blocks``: the device blocks one ``max_model_len`` sequence needs."""
         self.manager = manager
         self.min_device_blocks = min_device_blocks
+        self.replicated: set[BlockHash] = set()  # keys another worker also holds, per the coordinator
 
     # -- where blocks are ---------------------------------------------------------------------
 
@@ -131,11 +132,29 @@ class MemoryController:
     def set_eviction_policy(self, policy: str | EvictionPolicy) -> None:
         """Replaces every tier's policy (an instance serves the device; the others get copies)."""
         m = self.manager
-        m.pool.set_policy(make_policy(policy))
+        device = make_policy(policy)
+        host = copy_policy(policy) if m.host is not None else None
+        for pool_policy in (device, host):
+            if hasattr(pool_policy, "set_replicated"):
+                pool_policy.set_replicated(self.replicated, True)
+        m.pool.set_policy(device)
         if m.host is not None:
-            m.host.pool.set_policy(copy_policy(policy))
+            m.host.pool.set_policy(host)
         if m.disk is not None:
             m.disk.set_policy(copy_policy(policy))
+
+    def mark_replicated(self, gained: Sequence[BlockHash], lost: Sequence[BlockHash]) -> None:
+        """What the coordinator says changed: keys of this worker's blocks that another worker now
+        holds too (``gained``) or no longer (``lost``). The device and host pools' policies with
+        ``set_replicated`` (such as ``cluster_aware``) evict replicas before last copies; other
+        policies, and the disk tier (whose policy its writer thread shares), ignore it."""
+        self.replicated.difference_update(lost)
+        self.replicated.update(gained)
+        m = self.manager
+        for policy in (m.pool.policy, m.host.pool.policy if m.host is not None else None):
+            if hasattr(policy, "set_replicated"):
+                policy.set_replicated(lost, False)
+                policy.set_replicated(gained, True)
 
     def _capacity(self, tier: str) -> int:
         return self._pool(tier).num_blocks - len(self.manager.reserved[tier])

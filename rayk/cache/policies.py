@@ -87,6 +87,57 @@ class LRUPolicy(EvictionPolicy):
         return victims
 
 
+class ClusterAwarePolicy(EvictionPolicy):
+    """LRU within two classes: blocks another worker also holds (replicas) go first, last copies
+    after. The coordinator tells each worker which of its blocks have replicas elsewhere
+    (``set_replicated``), so the cluster gives up a block it holds twice before one it holds
+    once. With nothing marked it is plain LRU, as on a single engine."""
+
+    name = "cluster_aware"
+
+    def __init__(self):
+        self._replicas: OrderedDict[BlockHash, None] = OrderedDict()
+        self._last_copies: OrderedDict[BlockHash, None] = OrderedDict()
+        self.replicated: set[BlockHash] = set()
+
+    def set_replicated(self, keys, replicated: bool) -> None:
+        """Marks keys as held elsewhere too (``replicated``) or no longer; a candidate moves to
+        the other class, as its most recent member."""
+        source, target = (self._last_copies, self._replicas) if replicated else (self._replicas, self._last_copies)
+        for key in keys:
+            if replicated:
+                self.replicated.add(key)
+            else:
+                self.replicated.discard(key)
+            if key in source:
+                del source[key]
+                target[key] = None
+
+    def on_insert(self, block: BlockInfo) -> None:
+        order = self._replicas if block.key in self.replicated else self._last_copies
+        order[block.key] = None
+        order.move_to_end(block.key)
+
+    def on_access(self, block: BlockInfo) -> None:
+        for order in (self._replicas, self._last_copies):
+            if block.key in order:
+                order.move_to_end(block.key)
+
+    def on_remove(self, key: BlockHash, dropped: bool = False) -> None:
+        self._replicas.pop(key, None)
+        self._last_copies.pop(key, None)
+
+    def select_victims(self, candidates: Container[BlockHash], n: int) -> list[BlockHash]:
+        victims = []
+        for order in (self._replicas, self._last_copies):
+            for key in order:
+                if len(victims) == n:
+                    return victims
+                if key in candidates:
+                    victims.append(key)
+        return victims
+
+
 class _HeapPolicy(EvictionPolicy):
     """Lowest priority first, from a heap with lazy deletion.
 
@@ -221,5 +272,5 @@ def make_policy(policy: str | EvictionPolicy) -> EvictionPolicy:
     return _REGISTRY[policy]()
 
 
-for _policy in (LRUPolicy, LFUPolicy, AdaptivePolicy, CostAwarePolicy):
+for _policy in (LRUPolicy, LFUPolicy, AdaptivePolicy, CostAwarePolicy, ClusterAwarePolicy):
     register_policy(_policy.name, _policy)

@@ -13,6 +13,9 @@ which workers are alive. ``Coordinator`` is the Ray actor around it.
   heartbeat), with their inventories. Until then requests are routed without cache knowledge
   (to the least loaded worker the coordinator knows), never to wrong data: a worker confirms
   every hit against the block's tokens.
+* Replicas: a worker asks about once a heartbeat which of its blocks another worker now holds
+  too, or no longer (``replica_changes``), so that its ``cluster_aware`` policy evicts replicas
+  before last copies. The answer is computed from the directory, O(blocks) per call.
 * Tokens and KV bytes never pass through it: the driver sends block keys.
 """
 
@@ -45,12 +48,13 @@ class _Member:
 
 
 class CoordinatorState:
-    def __init__(self, block_size: int, routing: str = "prefix", liveness_timeout_s: float = 3.0):
+    def __init__(self, block_size: int, routing: str = "prefix", liveness_timeout_s: float = 3.0, pull: str = "auto"):
         self.block_size = block_size
         self.liveness_timeout_s = liveness_timeout_s
         self.directory = PrefixDirectory()
-        self.router = Router(self.directory, block_size, routing)
+        self.router = Router(self.directory, block_size, routing, pull=pull)
         self.members: dict[str, _Member] = {}
+        self._replicas_told: dict[str, set[BlockHash]] = {}  # worker -> replicated keys it was told of
         self.num_dead_workers = 0
         self.num_inventories = 0
 
@@ -68,6 +72,7 @@ class CoordinatorState:
             if member is None:
                 self.router.add_worker(worker_id)
             member = self.members[worker_id] = _Member(epoch, now)
+            self._replicas_told.pop(worker_id, None)
             wants_inventory = True
         elif epoch < member.epoch:
             return False  # a report of an old incarnation: nothing of it is routed to
@@ -87,8 +92,21 @@ class CoordinatorState:
         self.directory.load_inventory(worker_id, epoch, seq, inventory)
         self.num_inventories += 1
 
+    def replica_changes(self, worker_id: str, epoch: int) -> tuple[list[BlockHash], list[BlockHash]]:
+        """The keys of the worker's blocks that another worker holds too since it last asked
+        (gained), and those no longer replicated or no longer its own (lost). An unknown worker
+        or epoch gets nothing."""
+        member = self.members.get(worker_id)
+        if member is None or member.epoch != epoch:
+            return [], []
+        now = self.directory.replicated_keys(worker_id)
+        told = self._replicas_told.get(worker_id, set())
+        self._replicas_told[worker_id] = now
+        return list(now - told), list(told - now)
+
     def remove_worker(self, worker_id: str) -> bool:
         """Forgets a worker (dead, or shut down); False if it was not known."""
+        self._replicas_told.pop(worker_id, None)
         if self.members.pop(worker_id, None) is None:
             return False
         self.directory.remove(worker_id)
@@ -112,9 +130,15 @@ class CoordinatorState:
     # -- requests -----------------------------------------------------------------------------
 
     def route(
-        self, request_id: str, keys: Sequence[BlockHash], num_tokens: int, policy: str | None = None, worker: str | None = None
+        self,
+        request_id: str,
+        keys: Sequence[BlockHash],
+        num_tokens: int,
+        policy: str | None = None,
+        worker: str | None = None,
+        pull: str | None = None,
     ) -> RouteDecision:
-        return self.router.route(request_id, keys, num_tokens, policy=policy, worker=worker)
+        return self.router.route(request_id, keys, num_tokens, policy=policy, worker=worker, pull=pull)
 
     def complete(self, results: Sequence[tuple[str, int | None]]) -> None:
         """(request id, actual hit tokens, or None for a failed request) for finished requests."""
@@ -144,8 +168,8 @@ class Coordinator:
     """The actor around ``CoordinatorState``. It runs on an asyncio loop: calls run one at a time,
     and a background task removes silent workers."""
 
-    def __init__(self, block_size: int, routing: str, liveness_timeout_s: float):
-        self.state = CoordinatorState(block_size, routing, liveness_timeout_s)
+    def __init__(self, block_size: int, routing: str, liveness_timeout_s: float, pull: str = "auto"):
+        self.state = CoordinatorState(block_size, routing, liveness_timeout_s, pull)
         self._watcher: asyncio.Task | None = None
 
     def _watch(self) -> None:
@@ -164,16 +188,19 @@ class Coordinator:
         self._watch()
         return self.state.report(worker_id, epoch, batches, load, received)
 
+    async def replica_changes(self, worker_id, epoch) -> tuple[list[BlockHash], list[BlockHash]]:
+        return self.state.replica_changes(worker_id, epoch)
+
     async def load_inventory(self, worker_id, epoch, seq, inventory) -> None:
         self.state.load_inventory(worker_id, epoch, seq, inventory)
 
-    async def route(self, request_id, keys, num_tokens, policy=None, worker=None) -> RouteDecision:
+    async def route(self, request_id, keys, num_tokens, policy=None, worker=None, pull=None) -> RouteDecision:
         self._watch()
-        return self.state.route(request_id, keys, num_tokens, policy, worker)
+        return self.state.route(request_id, keys, num_tokens, policy, worker, pull)
 
     async def route_many(self, requests) -> list[RouteDecision | Exception]:
-        """Routes a batch in order, (request id, keys, num_tokens, policy, worker) each; a request
-        that cannot be routed gets its error in its place."""
+        """Routes a batch in order, (request id, keys, num_tokens, policy, worker, pull) each; a
+        request that cannot be routed gets its error in its place."""
         self._watch()
         decisions = []
         for request in requests:
@@ -197,4 +224,5 @@ class Coordinator:
         return self.state.stats()
 
     async def config(self) -> dict:
-        return {"block_size": self.state.block_size, "routing": self.state.router.policy, "liveness_timeout_s": self.state.liveness_timeout_s}
+        router = self.state.router
+        return {"block_size": self.state.block_size, "routing": router.policy, "pull": router.pull, "liveness_timeout_s": self.state.liveness_timeout_s}

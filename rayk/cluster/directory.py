@@ -445,6 +445,12 @@ class PrefixDirectory:
         """Worker → distinct keys it stores in any tier (pending excluded). O(blocks): for stats."""
         return {worker_id: len(set().union(*worker.stored_sets())) for worker_id, worker in self._workers.items()}
 
+    def replicated_keys(self, worker_id: str) -> set[BlockHash]:
+        """The keys the worker stores (any tier) that another worker stores too. O(blocks)."""
+        mine = set().union(*self._worker(worker_id).stored_sets())
+        others = set().union(*(s for w in self._workers.values() if w.worker_id != worker_id for s in w.stored_sets()))
+        return mine & others
+
     def blocks_per_tier(self, worker_id: str) -> dict[str, int]:
         """Tier → keys the worker stores there (a key in two tiers counts in both). O(1)."""
         worker = self._worker(worker_id)

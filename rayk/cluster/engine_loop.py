@@ -7,7 +7,9 @@ Requests that arrive while a batch runs join the next step.
 
 Each request's deltas go to the callback given with it, called on the loop thread; a request the
 engine refuses gets its error through the same callback instead. After every step the loop
-records the worker's load and collects the step's event batch for the reporter.
+records the worker's load and collects the step's event batch for the reporter. It also measures
+the engine's prefill rate (prompt tokens per second, over steps that prefill at least a block),
+which goes out with the load, beside the pull rate the worker measures (``pull_rate``).
 
 Should the loop itself fail (not a step: a failed step fails its requests and the loop goes on),
 it records the error in ``failed``, fails every request and call still waiting, and refuses new
@@ -23,8 +25,10 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from rayk.cache.block_codec import DecodedBatch
 from rayk.cache.events import KVEventBatch
 from rayk.cluster.routing import WorkerLoad
+from rayk.cluster.transfer import RateMeter
 from rayk.engine.llm_engine import LLMEngine
 from rayk.outputs import CompletionDelta
 from rayk.sampling_params import SamplingParams
@@ -50,6 +54,10 @@ class EngineLoop:
         self._batches: list[KVEventBatch] = []
         self._received: list[str] = []
         self.load = WorkerLoad(free_blocks=engine.pool.num_free_blocks)
+        self.prefill_rate = RateMeter()  # prompt tokens per second
+        self.pull_rate: RateMeter | None = None  # tokens of KV per second, set by the worker
+        self._prefill_tokens = 0
+        engine.step_observers.append(self)
         self.failed: BaseException | None = None
         self._calls: set[concurrent.futures.Future] = set()  # calls not yet run
         self._unadded: dict[str, DeltaCallback] = {}  # requests submitted, not yet added
@@ -60,13 +68,22 @@ class EngineLoop:
 
     # -- from any thread ----------------------------------------------------------------------
 
-    def submit(self, token_ids: list[int], params: SamplingParams, cache_salt: str | None, request_id: str, on_delta: DeltaCallback) -> None:
-        """Queues a request; ``on_delta`` gets each of its deltas, or the error that refused it."""
+    def submit(
+        self,
+        token_ids: list[int],
+        params: SamplingParams,
+        cache_salt: str | None,
+        request_id: str,
+        on_delta: DeltaCallback,
+        remote: DecodedBatch | None = None,
+    ) -> None:
+        """Queues a request (with blocks pulled for it, if any); ``on_delta`` gets each of its
+        deltas, or the error that refused it."""
 
         def add() -> None:
             self._unadded.pop(request_id, None)
             try:
-                self.engine.add_request(token_ids, params, cache_salt=cache_salt, request_id=request_id)
+                self.engine.add_request(token_ids, params, cache_salt=cache_salt, request_id=request_id, remote=remote)
             except Exception as error:  # a refused request must reach its caller, not stop the loop
                 on_delta(error)
                 return
@@ -128,6 +145,14 @@ class EngineLoop:
 
     # -- on the loop thread -------------------------------------------------------------------
 
+    def before_step(self, engine: LLMEngine, batch) -> None:
+        """A step observer: counts the prompt tokens the step prefills."""
+        self._prefill_tokens = sum(n for r, n in zip(batch.requests, batch.num_new_tokens) if r.num_computed_tokens < len(r.prompt_token_ids))
+
+    def after_step(self, engine: LLMEngine, batch, start_s: float, end_s: float) -> None:
+        if self._prefill_tokens >= engine.pool.block_size:
+            self.prefill_rate.add(self._prefill_tokens, end_s - start_s)
+
     def _post(self, work: Callable[[], None]) -> None:
         if self.failed is not None:
             raise RuntimeError(f"this worker's engine loop failed: {self.failed!r}")
@@ -176,7 +201,7 @@ class EngineLoop:
                     work = False
             if ran:
                 self.engine.publish_events()  # what control calls changed, an idle engine reports too
-                self.load = _load_of(self.engine)  # the requests just added count from now on
+                self.load = self._load()  # the requests just added count from now on
             if self.engine.has_unfinished_requests():
                 self._step()
 
@@ -198,16 +223,18 @@ class EngineLoop:
             if delta.finished:
                 del self._callbacks[delta.request_id]
             callback(delta)
-        self.load = _load_of(self.engine)
+        self.load = self._load()
 
-
-def _load_of(engine: LLMEngine) -> WorkerLoad:
-    scheduler = engine.scheduler
-    queued = sum(r.num_tokens for r in scheduler.waiting)
-    queued += sum(len(r.prompt_token_ids) - r.num_computed_tokens for r in scheduler.running if r.num_computed_tokens < len(r.prompt_token_ids))
-    return WorkerLoad(
-        num_waiting=len(scheduler.waiting),
-        num_running=len(scheduler.running),
-        queued_prefill_tokens=queued,
-        free_blocks=engine.pool.num_free_blocks,
-    )
+    def _load(self) -> WorkerLoad:
+        engine = self.engine
+        scheduler = engine.scheduler
+        queued = sum(r.num_tokens for r in scheduler.waiting)
+        queued += sum(len(r.prompt_token_ids) - r.num_computed_tokens for r in scheduler.running if r.num_computed_tokens < len(r.prompt_token_ids))
+        return WorkerLoad(
+            num_waiting=len(scheduler.waiting),
+            num_running=len(scheduler.running),
+            queued_prefill_tokens=queued,
+            free_blocks=engine.pool.num_free_blocks,
+            prefill_tokens_per_s=self.prefill_rate.rate,
+            pull_tokens_per_s=self.pull_rate.rate if self.pull_rate is not None else 0.0,
+        )

@@ -15,6 +15,9 @@ failed report carried (the coordinator is restarting, or slow) is sent again wit
 the directory ignores batches it has applied already. Past ``MAX_UNSENT_BATCHES`` the oldest
 are dropped; the gap they leave makes the coordinator ask for the inventory.
 
+About once a heartbeat it also runs ``sync_replicas`` (when given): the worker asks the
+coordinator which of its blocks gained or lost a replica elsewhere and tells its engine.
+
 If the engine loop has failed, the reporter stops, heartbeats included: the coordinator then
 takes the worker for dead and routes nothing more to it.
 """
@@ -51,8 +54,10 @@ class EventReporter:
         send_inventory: SendInventory,
         interval_s: float = 0.01,
         heartbeat_s: float = HEARTBEAT_S,
+        sync_replicas: Callable[[], None] | None = None,
     ):
         self.loop = loop
+        self.sync_replicas = sync_replicas
         self.send_report = send_report
         self.send_inventory = send_inventory
         self.interval_s = interval_s
@@ -90,7 +95,7 @@ class EventReporter:
             self._flushes.notify_all()
 
     def _run(self) -> None:
-        last_sent = 0.0
+        last_sent = last_synced = 0.0
         pending: list[KVEventBatch] = []
         received: list[str] = []
         while not self._stop.is_set():
@@ -106,6 +111,12 @@ class EventReporter:
             pending += batches
             received += new_received
             now = time.monotonic()
+            if self.sync_replicas is not None and now - last_synced >= self.heartbeat_s:
+                last_synced = now
+                try:
+                    self.sync_replicas()
+                except Exception:
+                    logger.warning("asking the coordinator about replicas failed; asking again next heartbeat", exc_info=True)
             if not pending and not received and now - last_sent < self.heartbeat_s:
                 self._covered(flush)
                 continue

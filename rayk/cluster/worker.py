@@ -1,7 +1,8 @@
 """``CacheWorker``: the Ray actor that serves one engine (one GPU, or a share of a CPU node).
 
 A thin shell: an ``EngineLoop`` drives the engine, an ``EventReporter`` sends its KV events and
-load to the coordinator, and the actor's methods forward to them. The actor runs on asyncio, so
+load to the coordinator, a ``PeerPuller`` runs fetch plans against other workers'
+``export_blocks``, and the actor's methods forward to them. The actor runs on asyncio, so
 many requests wait on it at once while the loop thread steps the engine; each incarnation has an
 ``epoch`` (nanoseconds at start), larger after every restart.
 """
@@ -13,11 +14,14 @@ import os
 import time
 from collections.abc import AsyncIterator
 
+import numpy as np
 import ray
 import torch
 
 from rayk.cluster.engine_loop import EngineLoop
 from rayk.cluster.reporting import EventReporter
+from rayk.cluster.routing import FetchPlan
+from rayk.cluster.transfer import PeerPuller
 from rayk.config import EngineConfig
 from rayk.engine.llm_engine import LLMEngine
 from rayk.outputs import CompletionDelta, RequestOutput
@@ -27,6 +31,7 @@ WORKER_NAME_PREFIX = "rayk-"
 
 # The manual controls a driver may run on a worker: name -> the engine call.
 _CONTROLS = {
+    "locate": lambda engine, keys: engine.memory.locate(keys),
     "evict": lambda engine, keys: engine.memory.evict(keys),
     "pin": lambda engine, keys: engine.memory.pin(keys),
     "unpin": lambda engine, keys: engine.memory.unpin(keys),
@@ -35,7 +40,16 @@ _CONTROLS = {
     "set_budget": lambda engine, tier, num_bytes: engine.memory.set_budget(tier, num_bytes),
     "set_eviction_policy": lambda engine, policy: engine.memory.set_eviction_policy(policy),
     "reset_prefix_cache": lambda engine, tiers: engine.memory.clear(tiers),
+    "flush_events": lambda engine: None,  # returns once the coordinator has every event so far
+    "check_invariants": lambda engine: _check_invariants(engine),
 }
+
+
+def _check_invariants(engine: LLMEngine) -> dict:
+    """Asserts the cache's invariants (an AssertionError says which broke); returns the device
+    blocks in use, for checking that nothing leaked once the worker is idle."""
+    engine.kv_cache_manager.check_invariants()
+    return {"used_blocks": engine.pool.num_used_blocks, "running": len(engine.scheduler.running), "waiting": len(engine.scheduler.waiting)}
 
 
 def worker_actor_name(worker_id: str) -> str:
@@ -44,12 +58,25 @@ def worker_actor_name(worker_id: str) -> str:
 
 @ray.remote
 class CacheWorker:
-    def __init__(self, worker_id: str, config: EngineConfig, coordinator_name: str, namespace: str, num_threads: int, report_interval_s: float = 0.01):
+    def __init__(
+        self,
+        worker_id: str,
+        config: EngineConfig,
+        coordinator_name: str,
+        namespace: str,
+        num_threads: int,
+        report_interval_s: float = 0.01,
+        pull_timeout_s: float = 10.0,
+    ):
         torch.set_num_threads(num_threads)
         self.worker_id = worker_id
+        self.namespace = namespace
         self.epoch = time.time_ns()
         self.engine = LLMEngine(config)
         self.loop = EngineLoop(self.engine)
+        self._peers: dict[str, ray.actor.ActorHandle] = {}
+        self.puller = PeerPuller(self._fetch, self.engine.fingerprint, self.engine.kv_cache.layout, pull_timeout_s)
+        self.loop.pull_rate = self.puller.rate
         coordinator = ray.get_actor(coordinator_name, namespace=namespace)
 
         # The reporter's own thread waits on these futures; the actor's event loop never blocks.
@@ -59,7 +86,12 @@ class CacheWorker:
         def send_inventory(seq, inventory) -> None:
             coordinator.load_inventory.remote(worker_id, self.epoch, seq, inventory).future().result(timeout=30)
 
-        self.reporter = EventReporter(self.loop, send_report, send_inventory, interval_s=report_interval_s)
+        def sync_replicas() -> None:
+            gained, lost = coordinator.replica_changes.remote(worker_id, self.epoch).future().result(timeout=10)
+            if gained or lost:
+                self.loop.call(lambda engine: engine.memory.mark_replicated(gained, lost))
+
+        self.reporter = EventReporter(self.loop, send_report, send_inventory, interval_s=report_interval_s, sync_replicas=sync_replicas)
 
     def info(self) -> dict:
         """What a driver needs to tokenize, hash and validate requests for this model."""
@@ -78,17 +110,24 @@ class CacheWorker:
             "tokenizer": engine.tokenizer,
         }
 
-    async def generate(self, token_ids: list[int], params: SamplingParams, cache_salt: str | None, request_id: str) -> RequestOutput:
-        async for delta in self.stream(token_ids, params, cache_salt, request_id):
+    async def generate(
+        self, token_ids: list[int], params: SamplingParams, cache_salt: str | None, request_id: str, plan: FetchPlan | None = None
+    ) -> RequestOutput:
+        async for delta in self.stream(token_ids, params, cache_salt, request_id, plan):
             if delta.finished:
                 return delta.output
         raise RuntimeError(f"request {request_id} ended without an output")
 
-    async def stream(self, token_ids: list[int], params: SamplingParams, cache_salt: str | None, request_id: str) -> AsyncIterator[CompletionDelta]:
-        """Yields the request's deltas as the engine produces them; the last one is finished."""
+    async def stream(
+        self, token_ids: list[int], params: SamplingParams, cache_salt: str | None, request_id: str, plan: FetchPlan | None = None
+    ) -> AsyncIterator[CompletionDelta]:
+        """Yields the request's deltas as the engine produces them; the last one is finished.
+        With a ``plan`` the planned blocks are pulled from their peer first (a failed pull only
+        means those tokens are computed)."""
+        remote = await self.puller.pull(plan) if plan is not None else None
         event_loop = asyncio.get_running_loop()
         deltas: asyncio.Queue = asyncio.Queue()
-        self.loop.submit(token_ids, params, cache_salt, request_id, lambda d: event_loop.call_soon_threadsafe(deltas.put_nowait, d))
+        self.loop.submit(token_ids, params, cache_salt, request_id, lambda d: event_loop.call_soon_threadsafe(deltas.put_nowait, d), remote)
         ended = False  # finished or failed: nothing to abort
         try:
             while True:
@@ -106,6 +145,19 @@ class CacheWorker:
                     self.loop.abort(request_id)
                 except RuntimeError:
                     pass  # the loop is closed or failed: the request is gone with it
+
+    async def export_blocks(self, keys: list[bytes]) -> np.ndarray:
+        """The leading run of ``keys`` this worker holds, in any tier, as one block batch (Ray
+        stores the returned buffer as one object for the puller to fetch)."""
+        buffer = await asyncio.wrap_future(self.loop.call(lambda engine: engine.cache.chain.export(keys)))
+        self.puller.served(buffer)
+        return buffer
+
+    async def _fetch(self, source: str, keys) -> np.ndarray:
+        peer = self._peers.get(source)
+        if peer is None:
+            peer = self._peers[source] = ray.get_actor(worker_actor_name(source), namespace=self.namespace)
+        return await peer.export_blocks.remote(list(keys))
 
     async def control(self, name: str, *args):
         """Runs one manual control (``_CONTROLS``) between two steps and returns its result once
@@ -125,7 +177,7 @@ class CacheWorker:
         return result
 
     async def stats(self) -> dict:
-        stats = await asyncio.wrap_future(self.loop.call(lambda engine: engine.stats()))
+        stats = await asyncio.wrap_future(self.loop.call(lambda engine: engine.stats() | {"replicated_blocks": len(engine.memory.replicated)}))
         load = self.loop.load
         stats["node_id"] = ray.get_runtime_context().get_node_id()
         stats["actor_name"] = worker_actor_name(self.worker_id)
@@ -141,6 +193,7 @@ class CacheWorker:
             "failed_reports": self.reporter.num_failed_reports,
             "inventories_sent": self.reporter.num_inventories,
         }
+        stats["transfers"] = self.puller.stats() | {"prefill_tokens_per_s": self.loop.prefill_rate.rate}
         return stats
 
     def shutdown(self) -> None:

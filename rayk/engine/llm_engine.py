@@ -107,9 +107,17 @@ class LLMEngine:
         token_ids = self._prompt_token_ids(prompt, "prompt", cache_salt)
         return self.kv_cache_manager.hasher.hash_blocks(token_ids, cache_salt)
 
-    def add_request(self, prompt: str | Sequence[int], params: SamplingParams, *, cache_salt: str | None = None, request_id: str | None = None) -> str:
+    def add_request(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams,
+        *,
+        cache_salt: str | None = None,
+        request_id: str | None = None,
+        remote: DecodedBatch | None = None,
+    ) -> str:
         token_ids = self.validate_request(prompt, params, cache_salt=cache_salt)
-        return self.add_validated_request(token_ids, params, cache_salt=cache_salt, request_id=request_id)
+        return self.add_validated_request(token_ids, params, cache_salt=cache_salt, request_id=request_id, remote=remote)
 
     def add_validated_request(
         self,

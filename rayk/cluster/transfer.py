@@ -1,0 +1,115 @@
+"""Pulling blocks from a peer worker, and the rates the router prices pulls with.
+
+Plain Python (the Ray call is passed in as ``fetch``), so every path is tested without Ray.
+
+A pull is one call to the source worker's ``export_blocks``: the source encodes the planned run of
+blocks it still holds as one block batch (``rayk.cache.block_codec``), Ray puts it in the object
+store as one object, and the puller's ``await`` fetches it to its own node. The puller checks
+it off the event loop (header, then every block's checksum) and hands the verified blocks to the
+engine with the request. Whatever goes wrong — the source is gone or its object lost, the call
+times out, the header is foreign, a block fails its checksum, the source no longer holds some
+planned blocks — the request is served anyway: the blocks it lacks are recomputed. Each failure
+is counted by reason.
+
+Rates: ``RateMeter`` keeps an exponentially weighted average of amount per second. A worker
+measures its pulls (tokens of KV per second, the whole call included) and its prefill (prompt
+tokens per second over steps that prefill at least a block), and reports both with its load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+
+import numpy as np
+
+from rayk.cache import block_codec
+from rayk.cache.block_codec import BlockBatchError, DecodedBatch
+from rayk.cache.paged_kv import KVLayout
+from rayk.cluster.routing import FetchPlan
+from rayk.hashing import BlockHash
+
+# (source worker id, keys) -> the source's block batch
+Fetch = Callable[[str, Sequence[BlockHash]], Awaitable[np.ndarray]]
+
+
+class RateMeter:
+    """Amount per second, an exponentially weighted average of the samples (0.0 before any)."""
+
+    def __init__(self, weight: float = 0.3):
+        self.weight = weight
+        self.rate = 0.0
+        self.num_samples = 0
+
+    def add(self, amount: float, seconds: float) -> None:
+        if amount <= 0 or seconds <= 0:
+            return
+        sample = amount / seconds
+        self.rate = sample if not self.num_samples else (1 - self.weight) * self.rate + self.weight * sample
+        self.num_samples += 1
+
+
+class PeerPuller:
+    """Runs fetch plans for one worker and keeps its transfer statistics."""
+
+    def __init__(self, fetch: Fetch, fingerprint: bytes, layout: KVLayout, timeout_s: float = 10.0):
+        self.fetch = fetch
+        self.fingerprint = fingerprint
+        self.layout = layout
+        self.timeout_s = timeout_s
+        self.rate = RateMeter()  # tokens of KV per second
+        self.num_pulls = 0
+        self.pulled_blocks = 0
+        self.pulled_bytes = 0
+        self.served_blocks = 0
+        self.served_bytes = 0
+        self.failures: Counter[str] = Counter()
+
+    async def pull(self, plan: FetchPlan) -> DecodedBatch | None:
+        """The planned blocks the source sent and that passed their checks (possibly fewer than
+        planned, or none: None), for the engine to stage."""
+        self.num_pulls += 1
+        start = time.perf_counter()
+        try:
+            buffer = await asyncio.wait_for(self.fetch(plan.source, plan.keys), self.timeout_s)
+        except asyncio.TimeoutError:
+            self.failures["timeout"] += 1
+            return None
+        except Exception as error:  # the source died, its node left, its object was lost
+            self.failures[type(error).__name__] += 1
+            return None
+        try:
+            decoded = await asyncio.to_thread(block_codec.decode, buffer, self.fingerprint, self.layout)
+        except BlockBatchError:
+            self.failures["bad_batch"] += 1
+            return None
+        elapsed = time.perf_counter() - start
+        if decoded.num_rejected:
+            self.failures["checksum"] += 1
+        if len(decoded.records) + decoded.num_rejected < len(plan.keys):
+            self.failures["stale"] += 1  # the source no longer held some planned blocks
+        if not decoded.records:
+            return None
+        self.pulled_blocks += len(decoded.records)
+        self.pulled_bytes += len(buffer)
+        self.rate.add(len(decoded.records) * self.layout.block_size, elapsed)
+        return decoded
+
+    def served(self, buffer: np.ndarray) -> None:
+        """Counts a batch this worker exported to a peer."""
+        self.served_blocks += len(block_codec.read_header(buffer, self.fingerprint, self.layout).records)
+        self.served_bytes += len(buffer)
+
+    def stats(self) -> dict:
+        return {
+            "pulls": self.num_pulls,
+            "pulled_blocks": self.pulled_blocks,
+            "pulled_bytes": self.pulled_bytes,
+            "served_blocks": self.served_blocks,
+            "served_bytes": self.served_bytes,
+            "pull_tokens_per_s": self.rate.rate,
+            "pull_bytes_per_s": self.rate.rate * self.layout.bytes_per_token,
+            "failed_pulls": dict(self.failures),
+        }
