@@ -2,8 +2,11 @@
 
 A multi-node rayk deployment (by default a ``ray.cluster_utils.Cluster`` of ``--nodes`` nodes
 on this machine, each with its own object store, bound to 127.0.0.1; with ``--address`` a real
-Ray cluster) serves three workloads, each once per routing policy (``prefix``, ``round_robin``,
-``least_loaded``, ``random``, passed per request), on exactly the same requests:
+Ray cluster) serves four workloads, each once per routing policy (``prefix``, ``prefix+pull``,
+``round_robin``, ``least_loaded``, ``random``, passed per request), on exactly the same requests.
+``prefix+pull`` is the prefix policy with route-or-pull (``pull="auto"``: a busy holder's request
+may go to an idle worker that pulls the prefix from it); every other policy runs with
+``pull="never"``, so ``prefix`` is routing to the cache alone.
 
 1. ``shared-prefix``: SGLang bench_serving's "generated-shared-prefix": ``--groups`` x
    ``--prompts-per-group`` prompts, each a group's shared system prompt of ``--system-tokens``
@@ -12,7 +15,9 @@ Ray cluster) serves three workloads, each once per routing policy (``prefix``, `
 2. ``chat``: ``--conversations`` conversations of ``--turns`` turns; every turn resends the whole
    history (previous prompt + previous output + a new user message); arrivals interleaved across
    conversations, and a turn goes out only after the previous turn of its conversation finished.
-3. ``trace``: a Mooncake-format JSONL trace (``--trace``; ``{"timestamp": ms, "input_length": n,
+3. ``hot``: a skewed shared-prefix load: ``--hot-fraction`` of the requests share one hot system
+   prompt, the rest spread over ``--groups`` - 1 cold ones (same token counts as ``shared-prefix``).
+4. ``trace``: a Mooncake-format JSONL trace (``--trace``; ``{"timestamp": ms, "input_length": n,
    "output_length": m, "hash_ids": [...]}``), each hash id one block of ``--trace-block-tokens``
    deterministic tokens (Mooncake's blocks are 512 tokens; lengths are scaled by the same
    factor). Without ``--trace`` a small trace in that format is synthesized (a few prefixes with
@@ -42,10 +47,12 @@ directory seen empty) before each run:
   the change over the run); route-decision latency: ``Coordinator.route`` timed from the driver
   (the Ray round trip included) on a sample of the workload's prompts after each run.
 
-Ratios prefix / round_robin are medians of the per-repeat paired ratios. Goals (PASS/FAIL):
-``prefix`` reaches >= 0.95 of the oracle's hit tokens with imbalance <= 1.3 under pressure at
-both concurrencies; 1.00 with imbalance <= 1.1 with unbounded pools; at ``--concurrency``, >= 2x
-round_robin's throughput and >= 3x better TTFT p50.
+Ratios against round_robin and against prefix are medians of the per-repeat paired ratios. Goals
+(PASS/FAIL): ``prefix`` reaches >= 0.95 of the oracle's hit tokens with imbalance <= 1.3 under
+pressure at both concurrencies; 1.00 with imbalance <= 1.1 with unbounded pools; at
+``--concurrency``, >= 2x round_robin's throughput and >= 3x better TTFT p50. On ``hot`` at
+``--concurrency``, ``prefix+pull`` has a TTFT p99 >= 2x better than ``prefix`` at >= its
+throughput.
 
     python benchmarks/routing.py --quick
     python benchmarks/routing.py [--workloads shared-prefix chat trace] [--pools pressure unbounded] [--trace PATH] [--address ADDR]
@@ -84,20 +91,20 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import rayk
 
 RESULTS = Path(__file__).parent / "results" / "routing.json"
-POLICIES = ("prefix", "round_robin", "least_loaded", "random")
-WORKLOADS = ("shared-prefix", "chat", "trace")
+POLICIES = ("prefix", "prefix+pull", "round_robin", "least_loaded", "random")
+WORKLOADS = ("shared-prefix", "chat", "hot", "trace")
 POOLS = ("pressure", "unbounded")
 MOONCAKE_BLOCK_TOKENS = 512
 # Defaults of the full run; --quick replaces them (flags given explicitly always win).
 FULL = {
     "groups": 16, "prompts_per_group": 8, "system_tokens": 512, "question_tokens": 32, "output_tokens": 8,
     "conversations": 12, "turns": 4, "chat_first_tokens": 256, "chat_turn_tokens": 32,
-    "trace_requests": 96, "repeats": 5, "request_rate": 64.0, "route_samples": 64, "max_minutes": 40.0,
+    "trace_requests": 96, "repeats": 5, "request_rate": 64.0, "route_samples": 64, "max_minutes": 40.0, "hot_fraction": 0.8,
 }
 QUICK = {
     "groups": 8, "prompts_per_group": 4, "system_tokens": 128, "question_tokens": 16, "output_tokens": 4,
     "conversations": 8, "turns": 3, "chat_first_tokens": 96, "chat_turn_tokens": 16,
-    "trace_requests": 24, "repeats": 3, "request_rate": 64.0, "route_samples": 16, "max_minutes": 10.0,
+    "trace_requests": 24, "repeats": 3, "request_rate": 64.0, "route_samples": 16, "max_minutes": 10.0, "hot_fraction": 0.8,
 }
 
 
@@ -145,6 +152,20 @@ def shared_prefix_workload(args, vocab_size: int, rng: np.random.Generator) -> W
     requests = [Request(i, arrivals[i], prompts[j], args.output_tokens) for i, j in enumerate(order)]
     note = f"{args.groups} groups x {args.prompts_per_group} prompts, {args.system_tokens} + {args.question_tokens} tokens, {args.output_tokens} out"
     return Workload("shared-prefix", requests, [note])
+
+
+def hot_workload(args, vocab_size: int, rng: np.random.Generator) -> Workload:
+    """One hot system prompt behind ``hot_fraction`` of the requests, the rest over the cold ones."""
+    total = args.groups * args.prompts_per_group
+    systems = [_random_tokens(rng, args.system_tokens, vocab_size) for _ in range(max(2, args.groups))]
+    num_hot = round(args.hot_fraction * total)
+    owners = [0] * num_hot + [1 + i % (len(systems) - 1) for i in range(total - num_hot)]
+    prompts = [systems[o] + _random_tokens(rng, args.question_tokens, vocab_size) for o in owners]
+    order = rng.permutation(total)
+    arrivals = _poisson_arrivals(rng, total, args.request_rate)
+    requests = [Request(i, arrivals[i], prompts[j], args.output_tokens) for i, j in enumerate(order)]
+    note = f"{num_hot} of {total} prompts behind one hot system prompt, the rest over {len(systems) - 1} others; {args.system_tokens} + {args.question_tokens} tokens, {args.output_tokens} out"
+    return Workload("hot", requests, [note])
 
 
 def chat_workload(args, vocab_size: int, rng: np.random.Generator) -> Workload:
@@ -243,7 +264,7 @@ def trace_workload(args, vocab_size: int, rng: np.random.Generator) -> Workload:
     return Workload("trace", requests, notes)
 
 
-BUILDERS = {"shared-prefix": shared_prefix_workload, "chat": chat_workload, "trace": trace_workload}
+BUILDERS = {"shared-prefix": shared_prefix_workload, "chat": chat_workload, "hot": hot_workload, "trace": trace_workload}
 
 
 # -- block keys, the oracle and the working set -------------------------------------------------
@@ -426,12 +447,14 @@ def run_workload(cluster, workload: Workload, policy: str, concurrency: int, dea
     in_flight = 0
     start = time.perf_counter()
 
+    routing, pull = routing_and_pull(policy)
+
     def serve(request: Request, prompt: list[int], record: dict) -> None:
         nonlocal in_flight
         params = rayk.SamplingParams(temperature=0, max_tokens=request.max_tokens, ignore_eos=True)
         output = error = None
         try:
-            for delta in cluster.stream(prompt, params, routing=policy):
+            for delta in cluster.stream(prompt, params, routing=routing, pull=pull):
                 if "first_s" not in record and delta.new_token_ids:
                     record["first_s"] = time.perf_counter() - start
                 if delta.finished:
@@ -448,6 +471,7 @@ def run_workload(cluster, workload: Workload, policy: str, concurrency: int, dea
                     output=output.token_ids,
                     cached=output.num_cached_tokens,
                     worker=output.worker,
+                    remote=output.cached_tokens_by_tier["remote"],
                     worker_ttft_s=output.ttft_s,
                     worker_latency_s=output.latency_s,
                 )
@@ -484,16 +508,22 @@ def run_workload(cluster, workload: Workload, policy: str, concurrency: int, dea
     return records
 
 
+def routing_and_pull(policy: str) -> tuple[str, str]:
+    """The routing policy and pull setting a benchmark policy name stands for."""
+    return (policy.removesuffix("+pull"), "auto") if policy.endswith("+pull") else (policy, "never")
+
+
 def route_latencies(cluster, prompts: list[list[int]], policy: str, samples: int) -> list[float]:
     """Seconds per ``Coordinator.route`` call from the driver, Ray round trip included, on the
     first ``samples`` prompts; each decision is then completed as failed, so no load stays behind."""
     coordinator = cluster._coordinator
+    routing, pull = routing_and_pull(policy)
     seconds = []
     for prompt in prompts[:samples]:
         keys = cluster.block_hashes(prompt)
         request_id = f"route-probe-{uuid.uuid4().hex}"
         begin = time.perf_counter()
-        ray.get(coordinator.route.remote(request_id, keys, len(prompt), policy))
+        ray.get(coordinator.route.remote(request_id, keys, len(prompt), routing, None, pull))
         seconds.append(time.perf_counter() - begin)
         ray.get(coordinator.complete.remote([(request_id, None)]))
     return seconds
@@ -539,6 +569,7 @@ def summarize(records: list[dict], block_size: int, workers: list[str], routing_
         "requests": len(records),
         "prompt_tokens": prompt_tokens,
         "hit_tokens": hit,
+        "remote_hit_tokens": sum(r["remote"] for r in records),
         "oracle_tokens": sum(oracle),
         "hit_vs_oracle": hit / sum(oracle) if sum(oracle) else None,
         "requests_over_oracle": sum(r["cached"] > o for r, o in zip(records, oracle)),
@@ -626,7 +657,7 @@ def bench_deployment(model_dir: str, workload: Workload, pools: str, sizes: dict
 # -- medians, ratios, goals, output -------------------------------------------------------------
 
 MEDIAN_KEYS = (
-    "hit_tokens", "oracle_tokens", "hit_vs_oracle", "computed_tokens", "ttft_p50_s", "ttft_p99_s", "latency_p50_s",
+    "hit_tokens", "remote_hit_tokens", "oracle_tokens", "hit_vs_oracle", "computed_tokens", "ttft_p50_s", "ttft_p99_s", "latency_p50_s",
     "worker_ttft_p50_s", "requests_per_s", "output_tokens_per_s", "imbalance_requests", "imbalance_computed_tokens",
     "router_predicted_hit_tokens", "router_actual_hit_tokens", "router_oracle_hit_tokens", "route_p50_s", "route_p99_s",
 )
@@ -652,6 +683,10 @@ def aggregate(runs: list[dict]) -> list[dict]:
         row["throughput_vs_round_robin"] = _median([r["requests_per_s"] / b["requests_per_s"] for r, b in pairs]) if pairs else None
         row["ttft_p50_speedup_vs_round_robin"] = _median([b["ttft_p50_s"] / r["ttft_p50_s"] for r, b in pairs]) if pairs else None
         row["hit_tokens_vs_round_robin"] = _median([r["hit_tokens"] / b["hit_tokens"] if b["hit_tokens"] else None for r, b in pairs]) if pairs else None
+        prefix = {r["repeat"]: r for r in groups.get((pools, workload, concurrency, "prefix"), [])}
+        pairs = [(r, prefix[r["repeat"]]) for r in group if r["repeat"] in prefix]
+        row["throughput_vs_prefix"] = _median([r["requests_per_s"] / b["requests_per_s"] for r, b in pairs]) if pairs else None
+        row["ttft_p99_speedup_vs_prefix"] = _median([b["ttft_p99_s"] / r["ttft_p99_s"] for r, b in pairs]) if pairs else None
         rows.append(row)
     return rows
 
@@ -660,6 +695,13 @@ def goals(rows: list[dict], saturating: int) -> list[dict]:
     """PASS/FAIL of each goal on the prefix policy's medians."""
     checks = []
     for row in rows:
+        if row["policy"] == "prefix+pull" and row["workload"] == "hot" and row["concurrency"] == saturating and saturating > 1:
+            where = {"pools": row["pools"], "workload": row["workload"], "concurrency": row["concurrency"]}
+            for goal, value, bound in (
+                ("prefix+pull TTFT p99 >= 2x better than prefix", row["ttft_p99_speedup_vs_prefix"], 2.0),
+                ("prefix+pull throughput >= prefix", row["throughput_vs_prefix"], 1.0),
+            ):
+                checks.append({**where, "goal": goal, "value": value, "pass": value is not None and value >= bound})
         if row["policy"] != "prefix":
             continue
         where = {"pools": row["pools"], "workload": row["workload"], "concurrency": row["concurrency"]}
@@ -685,8 +727,8 @@ def _fmt(value, spec: str = ".2f", scale: float = 1.0) -> str:
 
 def print_tables(rows: list[dict], checks: list[dict]) -> None:
     print("| pools | workload | conc | policy | hit/oracle | hit tok | oracle tok | computed tok | TTFT p50 ms | TTFT p99 ms | "
-          "req/s | out tok/s | imbal req | imbal tok | router pred/actual hit | route p50/p99 ms | vs rr: thr, TTFT |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "req/s | out tok/s | imbal req | imbal tok | router pred/actual hit | route p50/p99 ms | vs rr: thr, TTFT | remote tok | vs prefix: thr, TTFT p99 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         router = f"{_fmt(r['router_predicted_hit_tokens'], '.0f')} / {_fmt(r['router_actual_hit_tokens'], '.0f')}"
         route = f"{_fmt(r['route_p50_s'], '.2f', 1e3)} / {_fmt(r['route_p99_s'], '.2f', 1e3)}"
@@ -696,7 +738,8 @@ def print_tables(rows: list[dict], checks: list[dict]) -> None:
             f"{_fmt(r['hit_tokens'], '.0f')} | {_fmt(r['oracle_tokens'], '.0f')} | {_fmt(r['computed_tokens'], '.0f')} | "
             f"{_fmt(r['ttft_p50_s'], '.1f', 1e3)} | {_fmt(r['ttft_p99_s'], '.1f', 1e3)} | {_fmt(r['requests_per_s'])} | "
             f"{_fmt(r['output_tokens_per_s'], '.1f')} | {_fmt(r['imbalance_requests'])} | {_fmt(r['imbalance_computed_tokens'])} | "
-            f"{router} | {route} | {versus} |"
+            f"{router} | {route} | {versus} | {_fmt(r['remote_hit_tokens'], '.0f')} | "
+            f"{_fmt(r['throughput_vs_prefix'])}x, {_fmt(r['ttft_p99_speedup_vs_prefix'])}x |"
         )
     print("\nGoals (prefix policy, medians):\n")
     print("| pools | workload | conc | goal | value | result |")
@@ -735,6 +778,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--output-tokens", type=int, default=None, help="new tokens per request (the trace's are capped at this)")
     parser.add_argument("--groups", type=int, default=None)
+    parser.add_argument("--hot-fraction", type=float, default=None, help="share of the 'hot' workload's requests behind its hot prefix")
     parser.add_argument("--prompts-per-group", type=int, default=None)
     parser.add_argument("--system-tokens", type=int, default=None)
     parser.add_argument("--question-tokens", type=int, default=None)
@@ -761,6 +805,8 @@ def parse_args() -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.request_rate <= 0 or args.pool_slack <= 0 or args.max_minutes <= 0 or args.route_samples < 0:
         parser.error("--request-rate, --pool-slack and --max-minutes must be > 0, --route-samples >= 0")
+    if not 0 <= args.hot_fraction <= 1:
+        parser.error(f"--hot-fraction must be in [0, 1], got {args.hot_fraction}")
     if "round_robin" not in args.policies:
         args.policies.append("round_robin")  # the baseline of every ratio
     args.pools = list(dict.fromkeys(args.pools))

@@ -25,6 +25,7 @@ either gets blocks that are exactly what was written for this model, or a miss.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -76,29 +77,38 @@ def block_bytes(layout: KVLayout, compression: str | None) -> int:
     raise BlockBatchError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
 
 
-def encode(records: Sequence[BlockRecord], blocks: torch.Tensor, fingerprint: bytes, layout: KVLayout, compression: str | None = None) -> np.ndarray:
-    """One uint8 buffer holding ``blocks`` (``[2, layers, n, ...]``, ``records[i]`` describing
-    block i). The payload is written straight into the buffer: one copy of the KV."""
+def encode(
+    records: Sequence[BlockRecord],
+    blocks: torch.Tensor | Sequence[torch.Tensor],
+    fingerprint: bytes,
+    layout: KVLayout,
+    compression: str | None = None,
+) -> np.ndarray:
+    """One uint8 buffer holding the blocks, ``records[i]`` describing block i. ``blocks`` is a
+    ``[2, layers, n, ...]`` tensor, or a list of ``[2, layers, block_size, kv_heads, head_dim]``
+    tensors (views into a pool are fine: each is copied once, straight into the buffer)."""
     size = block_bytes(layout, compression)
     n = len(records)
     if n > MAX_BATCH_BLOCKS:
         raise ValueError(f"a batch holds at most {MAX_BATCH_BLOCKS} blocks, got {n}")
-    if blocks.shape[2] != n:
-        raise ValueError(f"{n} records for {blocks.shape[2]} blocks")
+    per_block = blocks.unbind(2) if isinstance(blocks, torch.Tensor) else list(blocks)
+    if len(per_block) != n:
+        raise ValueError(f"{n} records for {len(per_block)} blocks")
     entries = [[r.key, r.parent, r.depth, token_ids_from_bytes(r.tokens), bytes(_CHECKSUM_BYTES)] for r in records]
     header = _pack_header(fingerprint, layout, compression, size, entries)
     offset = PREFIX_BYTES + len(header)
     buffer = np.empty(offset + n * size, dtype=np.uint8)
     payload = torch.from_numpy(buffer[offset:]).view(n, size)
-    blocks = blocks.detach().cpu()
-    shape = (n, 2, layout.num_layers, layout.block_size, layout.num_kv_heads, layout.head_dim)
+    block_shape = (2, layout.num_layers, layout.block_size, layout.num_kv_heads, layout.head_dim)
     if compression is None:
-        payload.view(layout.dtype).view(shape).copy_(blocks.permute(2, 0, 1, 3, 4, 5))
-    else:
-        q, scales = quantize_int8(blocks)
-        values = q.numel() // max(n, 1)
-        payload[:, :values].view(torch.int8).view(shape).copy_(q.permute(2, 0, 1, 3, 4, 5))
-        payload[:, values:].view(torch.float32).view(n, 2, layout.num_layers, layout.num_kv_heads).copy_(scales.permute(2, 0, 1, 3))
+        values = payload.view(layout.dtype).view(n, *block_shape)
+        for i, block in enumerate(per_block):
+            values[i].copy_(block)
+    elif n:
+        q, scales = quantize_int8(torch.stack([b.detach().cpu() for b in per_block], dim=2))
+        count = q.numel() // n
+        payload[:, :count].view(torch.int8).view(n, *block_shape).copy_(q.permute(2, 0, 1, 3, 4, 5))
+        payload[:, count:].view(torch.float32).view(n, 2, layout.num_layers, layout.num_kv_heads).copy_(scales.permute(2, 0, 1, 3))
     rows = buffer[offset:].reshape(n, size)
     for entry, row in zip(entries, rows):
         entry[4] = xxhash.xxh3_64_intdigest(row).to_bytes(_CHECKSUM_BYTES, "little")
@@ -211,14 +221,21 @@ def verified(payload: np.ndarray, checksum: int) -> bool:
 
 
 def decode_payloads(payloads: Sequence[np.ndarray], compression: str | None, layout: KVLayout) -> torch.Tensor:
-    """``[2, layers, n, ...]`` in the model's dtype from blocks' payload bytes (a new tensor)."""
+    """``[2, layers, n, ...]`` in the model's dtype from blocks' payload bytes: a new tensor,
+    each payload copied once (payloads may be read-only views, such as a Ray object's)."""
     n = len(payloads)
-    raw = torch.from_numpy(np.stack(payloads))  # a copy: payloads may be read-only views
-    block_shape = (layout.block_size, layout.num_kv_heads, layout.head_dim)
+    block_shape = (2, layout.num_layers, layout.block_size, layout.num_kv_heads, layout.head_dim)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # only read, never written
+        raws = [torch.from_numpy(p) for p in payloads]
     if compression is None:
-        return raw.view(layout.dtype).view(n, 2, layout.num_layers, *block_shape).permute(1, 2, 0, 3, 4, 5).contiguous()
+        out = torch.empty((2, layout.num_layers, n, *block_shape[2:]), dtype=layout.dtype)
+        for i, raw in enumerate(raws):
+            out[:, :, i].copy_(raw.view(layout.dtype).view(block_shape))
+        return out
+    raw = torch.stack(raws)
     values = 2 * layout.num_layers * layout.block_size * layout.num_kv_heads * layout.head_dim
-    q = raw[:, :values].contiguous().view(torch.int8).view(n, 2, layout.num_layers, *block_shape).permute(1, 2, 0, 3, 4, 5)
+    q = raw[:, :values].contiguous().view(torch.int8).view(n, *block_shape).permute(1, 2, 0, 3, 4, 5)
     scales = raw[:, values:].contiguous().view(torch.float32).view(n, 2, layout.num_layers, layout.num_kv_heads).permute(1, 2, 0, 3)
     return dequantize_int8(q, scales, layout.dtype)
 
@@ -234,7 +251,11 @@ class DecodedBatch:
 
 
 def decode(buffer: np.ndarray | bytes, fingerprint: bytes, layout: KVLayout) -> DecodedBatch:
-    """Every block of a whole batch that matches its checksum (BlockBatchError for a bad header)."""
+    """Every block of a whole batch that matches its checksum (BlockBatchError for a bad header).
+
+    When every block passes and the batch is not compressed, ``blocks`` is a read-only view of
+    ``buffer`` itself (no copy: a Ray object's bytes stay in the object store until the view is
+    dropped); otherwise the verified blocks are copied out."""
     if isinstance(buffer, (bytes, bytearray, memoryview)):
         buffer = np.frombuffer(buffer, dtype=np.uint8)
     header = read_header(buffer, fingerprint, layout)
@@ -245,6 +266,13 @@ def decode(buffer: np.ndarray | bytes, fingerprint: bytes, layout: KVLayout) -> 
         if verified(payload, checksum):
             records.append(record)
             payloads.append(payload)
-    blocks = decode_payloads(payloads, header.compression, layout) if payloads else None
-    return DecodedBatch(records, blocks, len(header.records) - len(records))
-
+    num_rejected = len(header.records) - len(records)
+    if not payloads:
+        return DecodedBatch(records, None, num_rejected)
+    if num_rejected or header.compression is not None:
+        return DecodedBatch(records, decode_payloads(payloads, header.compression, layout), num_rejected)
+    shape = (len(records), 2, layout.num_layers, layout.block_size, layout.num_kv_heads, layout.head_dim)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # only read, never written
+        raw = torch.from_numpy(buffer[header.payload_offset :])
+    return DecodedBatch(records, raw.view(layout.dtype).view(shape).permute(1, 2, 0, 3, 4, 5), 0)

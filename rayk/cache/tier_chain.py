@@ -152,8 +152,10 @@ class TierChain:
             if tier == "host":
                 self.host.onload(refs, self.kv_cache, blocks)
                 self.host.release(refs)
-            else:
-                self.kv_cache.scatter(blocks, torch.cat(refs, dim=2))
+            else:  # KV tensors read from disk or staged from a peer: one copy each, into place
+                kv = self.kv_cache.kv
+                for ref, block in zip(refs, blocks):
+                    kv[:, :, block].copy_(ref[:, :, 0])
             self.record_transfer("onload", tier, "device", len(refs), start)
 
     def place_on_device(self, records: Sequence[BlockRecord], blocks: torch.Tensor) -> None:
@@ -312,24 +314,33 @@ class TierChain:
     def export(self, keys: Sequence[BlockHash], compression: str | None = None) -> np.ndarray:
         """The leading run of ``keys`` this worker holds, from any tier, as one block batch (it
         stops at the first key it holds nowhere: later blocks of a chain are of no use without
-        it). An empty batch when it holds none."""
-        records, parts, tiers = [], [], []
+        it). An empty batch when it holds none. Device and host blocks are copied once, straight
+        into the batch."""
+        records, blocks, tiers = [], [], set()
         start = time.perf_counter()
+        host = self.host
         for key in keys:
-            found = self.read(key, skip_device=False)
+            if key in self.pool.cached:
+                block = self.pool.cached[key]
+                records.append(self.pool.record(block))
+                blocks.append(self.kv_cache.kv[:, :, block])
+                tiers.add("device")
+                continue
+            if host is not None and key in host.pool.cached:
+                slot = host.pool.cached[key]
+                records.append(host.pool.record(slot))
+                blocks.append(host.gather([slot])[:, :, 0] if host.compress else host.blocks[slot])
+                tiers.add("host")
+                continue
+            found = self.read(key, skip_host=True)
             if found is None:
                 break
             records.append(found[0])
-            parts.append(found[1])
-            tiers.append(found[2])
-        layout = self.kv_cache.layout
-        if parts:
-            blocks = torch.cat(parts, dim=2)
-        else:
-            blocks = torch.empty((2, layout.num_layers, 0, layout.block_size, layout.num_kv_heads, layout.head_dim), dtype=layout.dtype)
-        batch = block_codec.encode(records, blocks, self.fingerprint, layout, compression)
+            blocks.append(found[1][:, :, 0])
+            tiers.add("disk")
+        batch = block_codec.encode(records, blocks, self.fingerprint, self.kv_cache.layout, compression)
         if records:
-            self.record_transfer("export", "+".join(sorted(set(tiers))), "remote", len(records), start)
+            self.record_transfer("export", "+".join(sorted(tiers)), "remote", len(records), start)
         return batch
 
     def stage_remote(self, request_id: str, records: Sequence[BlockRecord], blocks: torch.Tensor) -> None:

@@ -63,6 +63,7 @@ class PeerPuller:
         self.num_pulls = 0
         self.pulled_blocks = 0
         self.pulled_bytes = 0
+        self.pull_seconds = 0.0  # wall time of the pulls that brought blocks, fetch and checks included
         self.served_blocks = 0
         self.served_bytes = 0
         self.failures: Counter[str] = Counter()
@@ -94,6 +95,7 @@ class PeerPuller:
             return None
         self.pulled_blocks += len(decoded.records)
         self.pulled_bytes += len(buffer)
+        self.pull_seconds += elapsed
         self.rate.add(len(decoded.records) * self.layout.block_size, elapsed)
         return decoded
 
@@ -107,6 +109,7 @@ class PeerPuller:
             "pulls": self.num_pulls,
             "pulled_blocks": self.pulled_blocks,
             "pulled_bytes": self.pulled_bytes,
+            "pull_seconds": self.pull_seconds,
             "served_blocks": self.served_blocks,
             "served_bytes": self.served_bytes,
             "pull_tokens_per_s": self.rate.rate,
