@@ -42,6 +42,8 @@ from rayk.sampling_params import SamplingParams
 # Numeric stats leaves that describe a worker rather than count something: not summed (strings never are).
 _PER_WORKER_CONSTANTS = {"block_size", "bytes_per_token", "bytes_per_block", "epoch"}
 _RETRIES = 2
+COORDINATOR_RESTART_WAIT_S = 30.0
+"""How long a request waits for a restarting coordinator before its error reaches the caller."""
 WORKER_MAX_RESTARTS = 3
 """Ray restarts a worker that crashed this many times at most; each incarnation has a new epoch."""
 
@@ -324,8 +326,17 @@ class Cluster:
         return requests
 
     def _route(self, requests: list[_Request]) -> list[RouteDecision | Exception]:
+        """The coordinator's decisions; while it restarts (its node left, it crashed) the call is
+        tried again for up to ``COORDINATOR_RESTART_WAIT_S``."""
         batch = [(r.request_id, r.keys, len(r.token_ids), r.routing, r.worker, r.pull) for r in requests]
-        return ray.get(self._coordinator.route_many.remote(batch))
+        deadline = time.monotonic() + COORDINATOR_RESTART_WAIT_S
+        while True:
+            try:
+                return ray.get(self._coordinator.route_many.remote(batch))
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
     def _dispatch(self, requests: list[_Request], futures: list[concurrent.futures.Future], retries: int) -> None:
         """Routes the requests and sends each to its worker; each future gets its output or error."""
@@ -571,6 +582,11 @@ def _sum_stats(per_worker: list[dict]) -> dict:
     if pool:
         allocated = pool["used_blocks"] * pool["block_size"]
         pool["internal_fragmentation"] = pool["unused_slots"] / allocated if allocated else 0.0
+    transfers = total.get("transfers")
+    if transfers and pool:  # the cluster's average pull rate (prefill rates add up: capacity)
+        seconds = transfers["pull_seconds"]
+        transfers["pull_bytes_per_s"] = transfers["pulled_bytes"] / seconds if seconds else 0.0
+        transfers["pull_tokens_per_s"] = transfers["pulled_blocks"] * pool["block_size"] / seconds if seconds else 0.0
     return total
 
 

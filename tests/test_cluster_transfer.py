@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import ray
 from ray.cluster_utils import Cluster as RayTestCluster
+from ray.util.state import list_actors
 
 import rayk
 from rayk.cluster.routing import FetchPlan
@@ -114,6 +115,7 @@ def test_planned_blocks_the_source_evicted_meanwhile_are_recomputed(fresh, refer
     assert decision.plan is not None and decision.plan.source == "worker-0"
     fresh.evict(PROMPT, worker="worker-0")  # after the plan, before the pull
     output = ray.get(fresh._worker("worker-1").generate.remote(PROMPT, GREEDY, None, decision.request_id, decision.plan))
+    ray.get(fresh._coordinator.complete.remote([(decision.request_id, output.num_cached_tokens)]))
     assert output.token_ids == reference and output.num_cached_tokens == 0
     assert _failed_pulls(fresh, "worker-1").get("stale", 0) >= 1
 
@@ -145,8 +147,10 @@ def test_a_corrupted_payload_is_refused_and_its_block_recomputed(fresh, referenc
 
 
 def _wait_for_replicas(cluster, worker: str, count: int, timeout_s: float = 10.0) -> None:
+    """Until the worker has been told of exactly ``count`` replicated blocks (marks of blocks
+    an earlier test left are withdrawn first)."""
     deadline = time.monotonic() + timeout_s
-    while cluster.stats()["workers"][worker]["replicated_blocks"] < count:
+    while cluster.stats()["workers"][worker]["replicated_blocks"] != count:
         assert time.monotonic() < deadline, "the coordinator never told the worker about its replicas"
         time.sleep(0.1)
 
@@ -177,7 +181,10 @@ def test_cluster_aware_eviction_keeps_a_last_copy_where_lru_drops_it(fresh, poli
 
 def test_the_sources_node_removed_before_the_pull_costs_a_recompute_and_leaks_nothing(ray_nodes, fresh, reference):
     workers = fresh.stats()["workers"]
-    source, puller = "worker-1", "worker-0"
+    [coordinator] = list_actors(filters=[("name", "=", "rayk-coordinator"), ("state", "=", "ALIVE")])
+    # The source is the worker whose node the coordinator does not share (a node may host both).
+    source = next(w for w in ("worker-1", "worker-0") if workers[w]["node_id"] != coordinator.node_id)
+    puller = "worker-0" if source == "worker-1" else "worker-1"
     fresh.generate(PROMPT, GREEDY, worker=source, pull="never")
     fresh._control("flush_events", source)
     [node] = [n for n in ray_nodes.list_all_nodes() if n.node_id == workers[source]["node_id"]]
@@ -194,4 +201,4 @@ def test_the_sources_node_removed_before_the_pull_costs_a_recompute_and_leaks_no
         assert time.monotonic() < deadline, "the removed node's worker never came back"
         time.sleep(0.2)
     for worker in live:
-        assert fresh._control("check_invariants", worker) == {"used_blocks": 0, "running": 0, "waiting": 0}
+        assert fresh._control("check_invariants", worker) == {"used_blocks": 0, "running": 0, "waiting": 0, "staged_requests": 0}

@@ -95,13 +95,32 @@ def test_replica_changes_tell_each_worker_what_gained_or_lost_a_copy_elsewhere()
         state.report(worker_id, 1, [], WorkerLoad(), [], now=0.0)
         state.load_inventory(worker_id, 1, -1, {})
     state.report("worker-0", 1, [_batch(0)], WorkerLoad(), [], now=0.1)
-    assert state.replica_changes("worker-0", 1) == ([], [])
+    generation, reset, gained, lost = state.replica_changes("worker-0", 1, None, now=0.0)
+    assert reset and gained == [] and lost == []  # the first answer is the whole (empty) set
     state.report("worker-1", 1, [_batch(0, KEYS[:2])], WorkerLoad(), [], now=0.1)
-    gained, lost = state.replica_changes("worker-0", 1)
-    assert sorted(gained) == sorted(KEYS[:2]) and lost == []
-    assert state.replica_changes("worker-0", 1) == ([], [])  # only changes are sent
+    generation, reset, gained, lost = state.replica_changes("worker-0", 1, generation, now=1.0)
+    assert not reset and sorted(gained) == sorted(KEYS[:2]) and lost == []
+    generation, reset, gained, lost = state.replica_changes("worker-0", 1, generation, now=2.0)
+    assert (reset, gained, lost) == (False, [], [])  # only changes are sent
     state.remove_worker("worker-1")
-    gained, lost = state.replica_changes("worker-0", 1)
-    assert gained == [] and sorted(lost) == sorted(KEYS[:2])
-    assert state.replica_changes("worker-9", 1) == ([], [])
-    assert state.replica_changes("worker-0", 7) == ([], [])  # not this incarnation
+    generation, reset, gained, lost = state.replica_changes("worker-0", 1, generation, now=3.0)
+    assert not reset and gained == [] and sorted(lost) == sorted(KEYS[:2])
+    assert state.replica_changes("worker-9", 1, None) == (None, False, [], [])
+    assert state.replica_changes("worker-0", 7, generation) == (None, False, [], [])  # not this incarnation
+
+
+def test_a_lost_replica_answer_or_a_restarted_coordinator_sends_the_whole_set():
+    state = CoordinatorState(block_size=16)
+    for worker_id in ("worker-0", "worker-1"):
+        state.report(worker_id, 1, [_batch(0, KEYS[:3])], WorkerLoad(), [], now=0.0)
+        state.load_inventory(worker_id, 1, 0, {"device": KEYS[:3]})
+    first, reset, gained, _ = state.replica_changes("worker-0", 1, None, now=0.0)
+    assert reset and sorted(gained) == sorted(KEYS[:3])
+    # The worker never applied `first` (its call timed out): the next answer is whole again.
+    second, reset, gained, _ = state.replica_changes("worker-0", 1, None, now=1.0)
+    assert reset and sorted(gained) == sorted(KEYS[:3]) and second != first
+    restarted = CoordinatorState(block_size=16)
+    restarted.report("worker-0", 1, [], WorkerLoad(), [], now=0.0)
+    restarted.load_inventory("worker-0", 1, 0, {"device": KEYS[:3]})
+    _, reset, gained, _ = restarted.replica_changes("worker-0", 1, second, now=0.0)
+    assert reset and gained == []  # its old marks are all dropped: nobody else holds them now

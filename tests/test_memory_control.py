@@ -200,3 +200,11 @@ def test_a_snapshot_larger_than_the_host_tier_keeps_its_prefixes(tiny_llama_dir,
     assert second.load_cache(str(tmp_path / "snapshot")) == 3
     served = _ask(second)
     assert served.cached_tokens_by_tier["host"] == 48 and served.token_ids == reference[0]
+
+
+def test_a_replica_reset_replaces_the_marks(tiny_llama_dir):
+    llm = rayk.LLM(tiny_llama_dir, block_size=BLOCK_SIZE, eviction_policy="cluster_aware")
+    memory = llm.engine.memory
+    memory.mark_replicated([b"a" * 16, b"b" * 16], [])
+    memory.mark_replicated([b"b" * 16, b"c" * 16], [], reset=True)
+    assert memory.replicated == {b"b" * 16, b"c" * 16} == llm.engine.pool.policy.replicated

@@ -316,6 +316,17 @@ def test_an_idle_holder_keeps_its_request_and_a_pull_brings_only_what_is_missing
     assert decision.predicted_hit_by_tier["device"] == 4 * BLOCK_SIZE and decision.predicted_hit_by_tier["remote"] == 6 * BLOCK_SIZE
 
 
+def test_an_idle_worker_that_holds_the_whole_prefix_is_never_planned_a_pull():
+    directory, router = _cluster(2)
+    tokens = _tokens(36, 10)
+    keys = _keys(tokens)
+    _store(directory, "worker-0", 0, keys)
+    _store(directory, "worker-1", 0, keys)
+    router.report_load("worker-0", WorkerLoad(num_running=8, queued_prefill_tokens=9000), ())
+    decision = router.route("r0", keys, len(tokens), now=0.0)
+    assert decision.worker_id == "worker-1" and decision.plan is None
+
+
 def test_a_measured_slow_pull_is_not_chosen_and_counts_as_a_recompute():
     directory, router = _cluster(2)
     tokens = _tokens(33, 40)

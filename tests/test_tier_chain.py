@@ -47,7 +47,8 @@ def test_a_prefix_exported_from_any_tier_serves_another_engine_from_the_remote_t
     source = _llm(tiny_llama_dir, host_blocks=16, disk_dir=str(tmp_path / "kv"))
     source.generate(prompt, GREEDY)
     if source_tier != "device":
-        assert source.offload(prompt, tier=source_tier) == 5
+        source.offload(prompt, tier=source_tier)
+        assert source.locate(prompt)[source_tier] == 5 and source.locate(prompt)["device"] == 0
     buffer = _export(source, prompt)
     assert len(block_codec.read_header(buffer, source.engine.fingerprint, source.engine.kv_cache.layout).records) == 5
     target = _llm(tiny_llama_dir)
@@ -119,4 +120,5 @@ def test_staged_blocks_serve_only_their_own_request(tiny_llama_dir, prompt, refe
             if delta.finished:
                 outputs[delta.request_id] = delta.output
     assert outputs[other].cached_tokens_by_tier["remote"] == 0
+    assert outputs[staged].cached_tokens_by_tier["remote"] == 5 * BLOCK_SIZE
     assert outputs[staged].token_ids == outputs[other].token_ids == reference

@@ -1,6 +1,7 @@
 """The disk tier: KV blocks in segment files that outlive the process.
 
-Each ``store`` call writes its blocks as one *segment*: a file in ``directory`` holding one
+Each ``store`` call writes its blocks as *segments* (at most ``SEGMENT_BYTES`` and a quarter of
+the budget each): a file in ``directory`` holding one
 block batch (``rayk.cache.block_codec``: a msgpack header with every block's key, parent key,
 depth, token ids and checksum, the model fingerprint and layout, then the blocks' payloads back
 to back). Writing many blocks per file is one sequential write instead of a file per block.
@@ -54,6 +55,8 @@ from rayk.cache.policies import BlockInfo, EvictionPolicy
 from rayk.hashing import BlockHash
 
 SUFFIX = ".kvb"
+SEGMENT_BYTES = 64 << 20
+"""A store() of more blocks than this holds is written as several segments."""
 _STALE_TEMPORARY_S = 3600.0  # a temporary file this old was left by a crash, not a live writer
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
@@ -173,11 +176,21 @@ class DiskTier:
         if self._closed:
             raise RuntimeError(f"disk tier {str(self.directory)!r} is closed{' (read-only)' if self.read_only else ''}")
         fresh = [i for i, record in enumerate(records) if record.key not in self._index]
-        if fresh:
-            data = blocks.cpu()
-            if len(fresh) < len(records):
-                data = data[:, :, fresh]
-            self._queue.put(([records[i] for i in fresh], data))
+        if not fresh:
+            return
+        data = blocks.cpu()
+        per_segment = self.blocks_per_segment
+        for start in range(0, len(fresh), per_segment):
+            chosen = fresh[start : start + per_segment]
+            part = data if len(chosen) == len(records) else data[:, :, chosen]
+            self._queue.put(([records[i] for i in chosen], part))
+
+    @property
+    def blocks_per_segment(self) -> int:
+        """Blocks one segment holds at most: ``SEGMENT_BYTES``, a quarter of the budget, and the
+        codec's limit, whichever is least (at least one)."""
+        limit = min(SEGMENT_BYTES, self.max_bytes // 4) // block_codec.block_bytes(self.layout, self.compression)
+        return max(1, min(limit, block_codec.MAX_BATCH_BLOCKS))
 
     def flush(self) -> None:
         """Waits until every queued segment is on disk (or dropped for lack of room)."""

@@ -17,7 +17,7 @@ rather than computing it again, so a burst sharing a new prefix computes it once
 
 ``admit`` then takes the hit: it protects the hit's blocks, allocates the rest (the chain demotes
 the cached device blocks it evicted), and has the chain promote the host, disk and remote hits
-into their new device blocks, one batched copy per tier.
+into their new device blocks.
 """
 
 from __future__ import annotations

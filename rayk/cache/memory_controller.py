@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from rayk.cache.block_pool import BlockPool
 from rayk.cache.disk_tier import DiskTier
 from rayk.cache.kv_cache_manager import KVCacheManager
@@ -143,11 +145,15 @@ class MemoryController:
         if m.disk is not None:
             m.disk.set_policy(copy_policy(policy))
 
-    def mark_replicated(self, gained: Sequence[BlockHash], lost: Sequence[BlockHash]) -> None:
+    def mark_replicated(self, gained: Sequence[BlockHash], lost: Sequence[BlockHash], reset: bool = False) -> None:
         """What the coordinator says changed: keys of this worker's blocks that another worker now
         holds too (``gained``) or no longer (``lost``). The device and host pools' policies with
         ``set_replicated`` (such as ``cluster_aware``) evict replicas before last copies; other
-        policies, and the disk tier (whose policy its writer thread shares), ignore it."""
+        policies, and the disk tier (whose policy its writer thread shares), ignore it. With
+        ``reset``, ``gained`` is the whole set: every other key is lost."""
+        if reset:
+            lost = list(self.replicated.difference(gained))
+            gained = [k for k in gained if k not in self.replicated]
         self.replicated.difference_update(lost)
         self.replicated.update(gained)
         m = self.manager
@@ -179,11 +185,8 @@ class MemoryController:
         for records, blocks in m.chain.cached_blocks():
             snapshot.store(records, blocks)
         if m.disk is not None:
-            for key in m.disk.keys():
-                entry = m.disk.record(key)
-                payload = m.disk.read(key, entry.parent, entry.tokens) if entry is not None else None
-                if payload is not None:
-                    snapshot.store([entry], payload)
+            for records, blocks in _read_batches(m.disk, m.disk.keys()):
+                snapshot.store(records, blocks)
         snapshot.close()
         return len(snapshot)
 
@@ -191,24 +194,25 @@ class MemoryController:
         """Loads a ``save_cache`` snapshot into the host tier if there is one, else the disk
         tier, else the device's free blocks; returns how many of its blocks that tier now holds.
 
-        Blocks go deepest first, so a tier too small for the snapshot keeps the prefixes.
+        A tier too small for the snapshot keeps the shallowest blocks: the prefixes.
         A snapshot of another model, block size or layout is refused and left untouched.
         """
         m = self.manager
         snapshot = self._open_snapshot(path, must_exist=True)
-        keys = sorted(snapshot.keys(), key=lambda k: snapshot.record(k).depth, reverse=True)
+        keys = sorted(snapshot.keys(), key=lambda k: snapshot.record(k).depth)
+        # The deepest batch goes first, so later (shallower) ones evict it when the tier fills;
+        # within a batch, shallower blocks come first, so they are the ones that fit.
+        chunks = [keys[i : i + _SNAPSHOT_BATCH] for i in range(0, len(keys), _SNAPSHOT_BATCH)]
         try:
-            for key in keys:
-                entry = snapshot.record(key)
-                payload = snapshot.read(key, entry.parent, entry.tokens)
-                if payload is None:
-                    continue
+            for records, blocks in (batch for chunk in reversed(chunks) for batch in _read_batches(snapshot, chunk)):
                 if m.host is not None:
-                    m.host.store([entry], payload)
+                    m.host.store(records, blocks)
                 elif m.disk is not None:
-                    m.disk.store([entry], payload)
-                elif key not in m.pool.cached and m.pool.num_free_blocks:
-                    m.chain.place_on_device([entry], payload)
+                    m.disk.store(records, blocks)
+                else:
+                    fresh = [i for i, r in enumerate(records) if r.key not in m.pool.cached][: m.pool.num_free_blocks]
+                    if fresh:
+                        m.chain.place_on_device([records[i] for i in fresh], blocks[:, :, fresh])
         finally:
             snapshot.close()
         m.chain.settle()
@@ -229,6 +233,27 @@ class MemoryController:
                 "block size or KV layout; nothing was loaded or changed"
             )
         return snapshot
+
+
+_SNAPSHOT_BATCH = 256
+
+
+def _read_batches(tier: DiskTier, keys: Sequence[BlockHash], size: int = _SNAPSHOT_BATCH):
+    """Yields (records, ``[2, layers, n, ...]`` KV) of the keys ``tier`` holds intact, in key
+    order, ``size`` blocks at a time: a reader of a whole tier or snapshot writes few segments."""
+    records, parts = [], []
+    for key in keys:
+        entry = tier.record(key)
+        payload = tier.read(key, entry.parent, entry.tokens) if entry is not None else None
+        if payload is None:
+            continue
+        records.append(entry)
+        parts.append(payload)
+        if len(records) == size:
+            yield records, torch.cat(parts, dim=2)
+            records, parts = [], []
+    if records:
+        yield records, torch.cat(parts, dim=2)
 
 
 def check_num_bytes(num_bytes) -> None:

@@ -141,7 +141,8 @@ class TierChain:
 
     def promote(self, sources: Sequence[Source], targets: Sequence[int]) -> None:
         """Copies each held non-device source into its target device block (``targets[i]``
-        for the i-th non-device source), one batched copy per tier."""
+        for the i-th non-device source): per tier, one batched copy (host; disk and remote on
+        CUDA) or one copy per block into place (disk and remote on the CPU)."""
         by_tier: dict[str, tuple[list, list[int]]] = {}
         for (tier, ref), target in zip([s for s in sources if s[0] != "device"], targets):
             refs, blocks = by_tier.setdefault(tier, ([], []))
@@ -152,7 +153,9 @@ class TierChain:
             if tier == "host":
                 self.host.onload(refs, self.kv_cache, blocks)
                 self.host.release(refs)
-            else:  # KV tensors read from disk or staged from a peer: one copy each, into place
+            elif self.kv_cache.device.type == "cuda":  # one host-to-device copy for them all
+                self.kv_cache.scatter(blocks, torch.cat(refs, dim=2))
+            else:  # on the CPU one copy each, straight into place, beats concatenating first
                 kv = self.kv_cache.kv
                 for ref, block in zip(refs, blocks):
                     kv[:, :, block].copy_(ref[:, :, 0])
@@ -249,12 +252,9 @@ class TierChain:
                 sources.add(found[2])
         return records, (torch.cat(parts, dim=2) if parts else None), sources
 
-    def read(self, key: BlockHash, skip_host: bool = False, skip_device: bool = True) -> tuple[BlockRecord, torch.Tensor, str] | None:
-        """A copy of a stored block wherever it is (its record, ``[2, layers, 1, ...]`` KV and
+    def read(self, key: BlockHash, skip_host: bool = False) -> tuple[BlockRecord, torch.Tensor, str] | None:
+        """A copy of a block stored below the device (its record, ``[2, layers, 1, ...]`` KV and
         tier), checked like any hit; None if no tier holds it intact."""
-        if not skip_device and key in self.pool.cached:
-            block = self.pool.cached[key]
-            return self.pool.record(block), self.kv_cache.gather([block]), "device"
         if not skip_host and self.host is not None and key in self.host.pool.cached:
             slot = self.host.pool.cached[key]
             return self.host.pool.record(slot), self.host.read([slot]), "host"
@@ -311,11 +311,12 @@ class TierChain:
 
     # -- peers --------------------------------------------------------------------------------
 
-    def export(self, keys: Sequence[BlockHash], compression: str | None = None) -> np.ndarray:
+    def export(self, keys: Sequence[BlockHash]) -> np.ndarray:
         """The leading run of ``keys`` this worker holds, from any tier, as one block batch (it
         stops at the first key it holds nowhere: later blocks of a chain are of no use without
         it). An empty batch when it holds none. Device and host blocks are copied once, straight
         into the batch."""
+        self.begin_lookup()  # host copies that finished count as held
         records, blocks, tiers = [], [], set()
         start = time.perf_counter()
         host = self.host
@@ -338,7 +339,7 @@ class TierChain:
             records.append(found[0])
             blocks.append(found[1][:, :, 0])
             tiers.add("disk")
-        batch = block_codec.encode(records, blocks, self.fingerprint, self.kv_cache.layout, compression)
+        batch = block_codec.encode(records, blocks, self.fingerprint, self.kv_cache.layout)
         if records:
             self.record_transfer("export", "+".join(sorted(tiers)), "remote", len(records), start)
         return batch

@@ -15,14 +15,18 @@ which workers are alive. ``Coordinator`` is the Ray actor around it.
   every hit against the block's tokens.
 * Replicas: a worker asks about once a heartbeat which of its blocks another worker now holds
   too, or no longer (``replica_changes``), so that its ``cluster_aware`` policy evicts replicas
-  before last copies. The answer is computed from the directory, O(blocks) per call.
+  before last copies. Answers are changes since the answer the worker says it applied last; a
+  worker that missed one (or a coordinator that restarted) gets the whole set instead. The keys
+  held twice are computed from the directory at most every ``REPLICAS_REFRESH_S``, O(blocks).
 * Tokens and KV bytes never pass through it: the driver sends block keys.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +39,7 @@ from rayk.cluster.routing import RouteDecision, Router, WorkerLoad
 from rayk.hashing import BlockHash
 
 COORDINATOR_NAME = "rayk-coordinator"
+REPLICAS_REFRESH_S = 0.25
 MIN_LIVENESS_TIMEOUT_S = 1.0
 """Twice the workers' heartbeat: a shorter timeout would take idle workers for dead."""
 
@@ -54,7 +59,11 @@ class CoordinatorState:
         self.directory = PrefixDirectory()
         self.router = Router(self.directory, block_size, routing, pull=pull)
         self.members: dict[str, _Member] = {}
-        self._replicas_told: dict[str, set[BlockHash]] = {}  # worker -> replicated keys it was told of
+        # worker -> (the generation of the last answer, the replicated keys it said)
+        self._replicas_told: dict[str, tuple[str, set[BlockHash]]] = {}
+        self._generations = itertools.count(1)
+        self._instance = f"{time.time_ns():x}"  # generations of another coordinator never match
+        self._held_twice: tuple[float, set[BlockHash]] = (-math.inf, set())
         self.num_dead_workers = 0
         self.num_inventories = 0
 
@@ -92,17 +101,27 @@ class CoordinatorState:
         self.directory.load_inventory(worker_id, epoch, seq, inventory)
         self.num_inventories += 1
 
-    def replica_changes(self, worker_id: str, epoch: int) -> tuple[list[BlockHash], list[BlockHash]]:
-        """The keys of the worker's blocks that another worker holds too since it last asked
-        (gained), and those no longer replicated or no longer its own (lost). An unknown worker
-        or epoch gets nothing."""
+    def replica_changes(self, worker_id: str, epoch: int, applied: str | None, now: float | None = None) -> tuple[str | None, bool, list, list]:
+        """What changed in which of the worker's blocks another worker also holds:
+        (generation, reset, gained, lost). ``applied`` is the generation of the last answer the
+        worker applied; when it is not the last one given (an answer was lost, or this
+        coordinator restarted), the answer is the whole set with ``reset`` True. An unknown
+        worker or epoch gets (None, False, [], [])."""
         member = self.members.get(worker_id)
         if member is None or member.epoch != epoch:
-            return [], []
-        now = self.directory.replicated_keys(worker_id)
-        told = self._replicas_told.get(worker_id, set())
-        self._replicas_told[worker_id] = now
-        return list(now - told), list(told - now)
+            return None, False, [], []
+        now = time.monotonic() if now is None else now
+        stamp, held_twice = self._held_twice
+        if now - stamp >= REPLICAS_REFRESH_S:
+            held_twice = self.directory.held_twice()
+            self._held_twice = (now, held_twice)
+        replicated = self.directory.stored_keys(worker_id) & held_twice
+        generation = f"{self._instance}-{next(self._generations)}"
+        told = self._replicas_told.get(worker_id)
+        self._replicas_told[worker_id] = (generation, replicated)
+        if told is None or told[0] != applied:
+            return generation, True, list(replicated), []
+        return generation, False, list(replicated - told[1]), list(told[1] - replicated)
 
     def remove_worker(self, worker_id: str) -> bool:
         """Forgets a worker (dead, or shut down); False if it was not known."""
@@ -188,8 +207,8 @@ class Coordinator:
         self._watch()
         return self.state.report(worker_id, epoch, batches, load, received)
 
-    async def replica_changes(self, worker_id, epoch) -> tuple[list[BlockHash], list[BlockHash]]:
-        return self.state.replica_changes(worker_id, epoch)
+    async def replica_changes(self, worker_id, epoch, applied):
+        return self.state.replica_changes(worker_id, epoch, applied)
 
     async def load_inventory(self, worker_id, epoch, seq, inventory) -> None:
         self.state.load_inventory(worker_id, epoch, seq, inventory)

@@ -445,11 +445,19 @@ class PrefixDirectory:
         """Worker → distinct keys it stores in any tier (pending excluded). O(blocks): for stats."""
         return {worker_id: len(set().union(*worker.stored_sets())) for worker_id, worker in self._workers.items()}
 
-    def replicated_keys(self, worker_id: str) -> set[BlockHash]:
-        """The keys the worker stores (any tier) that another worker stores too. O(blocks)."""
-        mine = set().union(*self._worker(worker_id).stored_sets())
-        others = set().union(*(s for w in self._workers.values() if w.worker_id != worker_id for s in w.stored_sets()))
-        return mine & others
+    def held_twice(self) -> set[BlockHash]:
+        """The keys stored (any tier) by two workers or more. O(blocks held)."""
+        seen: set[BlockHash] = set()
+        twice: set[BlockHash] = set()
+        for worker in self._workers.values():
+            mine = set().union(*worker.stored_sets())
+            twice |= mine & seen
+            seen |= mine
+        return twice
+
+    def stored_keys(self, worker_id: str) -> set[BlockHash]:
+        """The keys the worker stores, in any tier. O(its blocks)."""
+        return set().union(*self._worker(worker_id).stored_sets())
 
     def blocks_per_tier(self, worker_id: str) -> dict[str, int]:
         """Tier → keys the worker stores there (a key in two tiers counts in both). O(1)."""

@@ -45,6 +45,16 @@ it) stops loading that worker after ``pending_ttl_s``.
 ``choose`` is the decision alone (match and scoring, nothing recorded); ``route`` is ``choose``
 plus the pending claims and the bookkeeping below.
 
+Route-or-pull (``pull``, per router and per request). The longest run of a request's blocks
+that a routable worker *stores* (pending blocks are not there yet) may be pulled by another
+worker. With ``"auto"`` the ``prefix`` policy also credits the least loaded worker, and any
+worker holding part of the run, with the prefill a pull would save: the pulled tokens x (1 -
+that worker's ``WorkerLoad.pull_cost()``, ``default_pull_cost`` until measured) minus
+``pull_overhead_tokens``. When that makes it the cheapest, the decision carries a ``FetchPlan``
+(the source and the keys to pull), and the pulled keys are claimed pending on it like any
+other. ``"always"`` plans whenever another worker stores more of the run than the chosen one;
+``"never"`` never plans. A plan is a hint: a worker that fails to pull computes the tokens.
+
 Baselines: ``round_robin``, ``least_loaded`` (least queued work, unreported included),
 ``random`` (seeded). Every decision records its predicted hit and the oracle (the largest hit any
 routable worker could give, per the directory); ``complete`` records the actual hit. In-flight
@@ -322,7 +332,7 @@ class Router:
         chosen, counts, plan = choice.worker_id, choice.hit, choice.plan
         pulled = len(plan.keys) * self.block_size if plan is not None else 0
         predicted = counts.num_blocks * self.block_size + pulled
-        prefill = num_tokens - choice.saved_tokens
+        prefill = max(0.0, num_tokens - choice.saved_tokens)
         index = self._index[chosen]
         cost = prefill + self._queue_costs[index]
         if request_id in self._claims:
@@ -377,11 +387,12 @@ class Router:
             saved.update(dict.fromkeys(holders, counts[0] * device + counts[1] * pending + counts[2] * host + counts[3] * disk))
             if counts[1]:
                 waits_for.update(dict.fromkeys(holders, counts[1] * self.block_size))
-            routable = [h for h in holders if h in self._states]
-            if routable:
-                oracle_blocks = max(oracle_blocks, counts.num_blocks)
-                if not counts[1] and counts.num_blocks > source_blocks:
-                    source, source_blocks = routable[0], counts.num_blocks
+            if counts.num_blocks > oracle_blocks or (not counts[1] and counts.num_blocks > source_blocks):
+                routable = next(filter(self._states.__contains__, holders), None)  # C speed, stops at the first
+                if routable is not None:
+                    oracle_blocks = max(oracle_blocks, counts.num_blocks)
+                    if not counts[1] and counts.num_blocks > source_blocks:
+                        source, source_blocks = routable, counts.num_blocks
 
         pulls: dict[str, float] = {}  # worker -> credit with a pull, where that beats its own hit
         if worker is not None:
@@ -425,10 +436,11 @@ class Router:
         """Credit (saved prefill tokens) for serving with a pull from ``source``, for the workers
         where it beats their own hit: the least loaded worker and the partial holders (any other
         worker is dearer than the least loaded one, with the same pull)."""
-        candidates = {self._order[self._queue_costs.index(min(self._queue_costs))]: BlocksByTier()}
+        least_loaded = self._order[self._queue_costs.index(min(self._queue_costs))]
+        candidates = {} if least_loaded in saved else {least_loaded: BlocksByTier()}  # a holder is priced below
         for counts, holders in held.items():
-            if not counts[1]:
-                candidates.update((h, counts) for h in holders if h in self._states)
+            if not counts[1] and counts.num_blocks < source_blocks:
+                candidates.update(zip(filter(self._states.__contains__, holders), repeat(counts)))
         credits = {}
         for worker_id, own in candidates.items():
             if worker_id == source or own.num_blocks >= source_blocks:

@@ -19,6 +19,7 @@ tokens per second over steps that prefill at least a block), and reports both wi
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -30,6 +31,8 @@ from rayk.cache.block_codec import BlockBatchError, DecodedBatch
 from rayk.cache.paged_kv import KVLayout
 from rayk.cluster.routing import FetchPlan
 from rayk.hashing import BlockHash
+
+logger = logging.getLogger(__name__)
 
 # (source worker id, keys) -> the source's block batch
 Fetch = Callable[[str, Sequence[BlockHash]], Awaitable[np.ndarray]]
@@ -84,6 +87,10 @@ class PeerPuller:
         try:
             decoded = await asyncio.to_thread(block_codec.decode, buffer, self.fingerprint, self.layout)
         except BlockBatchError:
+            self.failures["bad_batch"] += 1
+            return None
+        except Exception:  # not even a buffer (a peer of another version?): still only a miss
+            logger.exception("a pull from %s returned something that is not a block batch", plan.source)
             self.failures["bad_batch"] += 1
             return None
         elapsed = time.perf_counter() - start

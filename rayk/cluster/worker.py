@@ -49,7 +49,12 @@ def _check_invariants(engine: LLMEngine) -> dict:
     """Asserts the cache's invariants (an AssertionError says which broke); returns the device
     blocks in use, for checking that nothing leaked once the worker is idle."""
     engine.kv_cache_manager.check_invariants()
-    return {"used_blocks": engine.pool.num_used_blocks, "running": len(engine.scheduler.running), "waiting": len(engine.scheduler.waiting)}
+    return {
+        "used_blocks": engine.pool.num_used_blocks,
+        "running": len(engine.scheduler.running),
+        "waiting": len(engine.scheduler.waiting),
+        "staged_requests": len(engine.cache.chain.remote),
+    }
 
 
 def worker_actor_name(worker_id: str) -> str:
@@ -86,10 +91,14 @@ class CacheWorker:
         def send_inventory(seq, inventory) -> None:
             coordinator.load_inventory.remote(worker_id, self.epoch, seq, inventory).future().result(timeout=30)
 
+        applied_replicas = [None]  # the generation of the last replica answer applied
+
         def sync_replicas() -> None:
-            gained, lost = coordinator.replica_changes.remote(worker_id, self.epoch).future().result(timeout=10)
-            if gained or lost:
-                self.loop.call(lambda engine: engine.memory.mark_replicated(gained, lost))
+            answer = coordinator.replica_changes.remote(worker_id, self.epoch, applied_replicas[0]).future().result(timeout=10)
+            generation, reset, gained, lost = answer
+            if reset or gained or lost:
+                self.loop.call(lambda engine: engine.memory.mark_replicated(gained, lost, reset)).result(timeout=10)
+            applied_replicas[0] = generation
 
         self.reporter = EventReporter(self.loop, send_report, send_inventory, interval_s=report_interval_s, sync_replicas=sync_replicas)
 
@@ -156,8 +165,13 @@ class CacheWorker:
     async def _fetch(self, source: str, keys) -> np.ndarray:
         peer = self._peers.get(source)
         if peer is None:
-            peer = self._peers[source] = ray.get_actor(worker_actor_name(source), namespace=self.namespace)
-        return await peer.export_blocks.remote(list(keys))
+            peer = await asyncio.to_thread(ray.get_actor, worker_actor_name(source), namespace=self.namespace)
+            self._peers[source] = peer
+        try:
+            return await peer.export_blocks.remote(list(keys))
+        except Exception:
+            self._peers.pop(source, None)  # look the peer up again next time (it may have restarted)
+            raise
 
     async def control(self, name: str, *args):
         """Runs one manual control (``_CONTROLS``) between two steps and returns its result once

@@ -290,6 +290,7 @@ class LLMEngine:
                 "loaded_blocks": self.disk.num_loaded,
                 "evictions": self.disk.num_evictions,
                 "rejected": self.disk.num_rejected,
+                "segments": self.disk.num_segments,
             },
             "scheduler": {
                 "waiting": len(self.scheduler.waiting),
