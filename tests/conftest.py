@@ -1,7 +1,9 @@
-"""Tiny random checkpoints written with transformers, and greedy references computed by it."""
+"""Tiny random checkpoints written with transformers, greedy references computed by it, and
+local multi-node Ray clusters on loopback."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -106,3 +108,25 @@ def hf_greedy(model_dir, prompts: list[list[int]], max_new_tokens: int) -> list[
 def random_prompts(lengths, seed: int) -> list[list[int]]:
     generator = torch.Generator().manual_seed(seed)
     return [torch.randint(0, VOCAB_SIZE, (n,), generator=generator).tolist() for n in lengths]
+
+
+@contextlib.contextmanager
+def local_ray_nodes(namespace: str, head_cpus: int, *node_cpus: int):
+    """A ``ray.cluster_utils.Cluster`` on 127.0.0.1 (a head with ``head_cpus`` and one more node
+    per ``node_cpus``, each with its own object store), this process connected to it in
+    ``namespace``; shut down on exit."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus})
+    try:
+        for cpus in node_cpus:
+            nodes.add_node(num_cpus=cpus)
+        nodes.wait_for_nodes()
+        ray.init(address=nodes.address, namespace=namespace)
+        try:
+            yield nodes
+        finally:
+            ray.shutdown()
+    finally:
+        nodes.shutdown()

@@ -9,10 +9,9 @@ import time
 
 import pytest
 import ray
-from ray.cluster_utils import Cluster as RayTestCluster
 
 import rayk
-from tests.conftest import BLOCK_SIZE, hf_greedy, random_prompts
+from tests.conftest import BLOCK_SIZE, hf_greedy, local_ray_nodes, random_prompts
 
 GREEDY = rayk.SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 NAMESPACE = "rayk-test-cluster"
@@ -21,13 +20,8 @@ NUM_WORKERS = 3
 
 @pytest.fixture(scope="module")
 def ray_nodes():
-    nodes = RayTestCluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    nodes.add_node(num_cpus=2)
-    nodes.wait_for_nodes()
-    ray.init(address=nodes.address, namespace=NAMESPACE)
-    yield nodes
-    ray.shutdown()
-    nodes.shutdown()
+    with local_ray_nodes(NAMESPACE, 2, 2) as nodes:
+        yield nodes
 
 
 @pytest.fixture(scope="module")

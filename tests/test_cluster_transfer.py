@@ -15,13 +15,12 @@ import time
 import numpy as np
 import pytest
 import ray
-from ray.cluster_utils import Cluster as RayTestCluster
 from ray.util.state import list_actors
 
 import rayk
 from rayk.cluster.routing import FetchPlan
 from rayk.cluster.worker import worker_actor_name
-from tests.conftest import BLOCK_SIZE, hf_greedy, random_prompts
+from tests.conftest import BLOCK_SIZE, hf_greedy, local_ray_nodes, random_prompts
 
 GREEDY = rayk.SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 NAMESPACE = "rayk-test-transfer"
@@ -31,14 +30,8 @@ PROMPT = random_prompts([PREFIX_BLOCKS * BLOCK_SIZE + 5], seed=700)[0]
 
 @pytest.fixture(scope="module")
 def ray_nodes():
-    nodes = RayTestCluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    nodes.add_node(num_cpus=2)
-    nodes.add_node(num_cpus=2)
-    nodes.wait_for_nodes()
-    ray.init(address=nodes.address, namespace=NAMESPACE)
-    yield nodes
-    ray.shutdown()
-    nodes.shutdown()
+    with local_ray_nodes(NAMESPACE, 0, 2, 2) as nodes:
+        yield nodes
 
 
 @pytest.fixture(scope="module")

@@ -171,3 +171,33 @@ def test_flush_returns_once_what_the_loop_collected_is_sent(loop):
         assert any(isinstance(e, BlocksStored) for batch in sent for e in batch.events)
     finally:
         reporter.close()
+
+
+def test_replica_sync_never_waits_and_a_failed_apply_brings_a_reset_next():
+    import concurrent.futures
+
+    from rayk.cluster.reporting import ReplicaSync
+
+    asked, applies = [], []
+
+    def ask(applied):
+        asked.append(applied)
+        future = concurrent.futures.Future()
+        future.set_result((f"g{len(asked)}", False, [b"k"], []))
+        return future
+
+    def apply(gained, lost, reset):
+        future = concurrent.futures.Future()  # the engine has not run it yet
+        applies.append(future)
+        return future
+
+    sync = ReplicaSync(ask, apply)
+    sync.ask()
+    sync.ask()  # the first exchange is still waiting for the engine: skipped, not queued
+    assert asked == [None] and len(applies) == 1
+    applies[0].set_exception(RuntimeError("the engine loop is closed"))
+    sync.ask()
+    assert asked == [None, None]  # nothing counted as applied: the coordinator will reset
+    applies[1].set_result(None)
+    sync.ask()
+    assert asked == [None, None, "g2"] and sync.applied == "g2"

@@ -179,11 +179,11 @@ class DiskTier:
         if not fresh:
             return
         data = blocks.cpu()
+        if len(fresh) < len(records):
+            data, records = data[:, :, fresh], [records[i] for i in fresh]
         per_segment = self.blocks_per_segment
-        for start in range(0, len(fresh), per_segment):
-            chosen = fresh[start : start + per_segment]
-            part = data if len(chosen) == len(records) else data[:, :, chosen]
-            self._queue.put(([records[i] for i in chosen], part))
+        for start in range(0, len(records), per_segment):  # slices: views, no copy here
+            self._queue.put((records[start : start + per_segment], data[:, :, start : start + per_segment]))
 
     @property
     def blocks_per_segment(self) -> int:

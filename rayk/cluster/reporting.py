@@ -15,8 +15,9 @@ failed report carried (the coordinator is restarting, or slow) is sent again wit
 the directory ignores batches it has applied already. Past ``MAX_UNSENT_BATCHES`` the oldest
 are dropped; the gap they leave makes the coordinator ask for the inventory.
 
-About once a heartbeat it also runs ``sync_replicas`` (when given): the worker asks the
-coordinator which of its blocks gained or lost a replica elsewhere and tells its engine.
+About once a heartbeat it also runs ``sync_replicas`` (when given, a ``ReplicaSync.ask``): the
+worker asks the coordinator which of its blocks gained or lost a replica elsewhere and tells its
+engine, without ever waiting for either: a report is never held up behind a busy engine step.
 
 If the engine loop has failed, the reporter stops, heartbeats included: the coordinator then
 takes the worker for dead and routes nothing more to it.
@@ -24,6 +25,7 @@ takes the worker for dead and routes nothing more to it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 import time
@@ -142,3 +144,44 @@ class EventReporter:
             self.num_inventories += 1
         except Exception:
             logger.warning("sending the inventory failed; the next report asks again", exc_info=True)
+
+
+class ReplicaSync:
+    """Keeps a worker's replica marks current, never blocking the caller.
+
+    ``ask(applied)`` returns a future of the coordinator's answer (generation, reset, gained,
+    lost) to "what changed since the answer I applied last"; ``apply(gained, lost, reset)``
+    returns a future of the engine having applied it. An answer counts as applied only once its
+    future succeeds, so a lost answer is followed by a whole-set reset. One exchange at a time.
+    """
+
+    def __init__(self, ask: Callable[[str | None], concurrent.futures.Future], apply: Callable[[list, list, bool], concurrent.futures.Future]):
+        self._ask = ask
+        self._apply = apply
+        self.applied: str | None = None
+        self._busy = threading.Lock()
+
+    def ask(self) -> None:
+        if not self._busy.acquire(blocking=False):
+            return  # the previous exchange is still going
+        try:
+            self._ask(self.applied).add_done_callback(self._answered)
+        except BaseException:
+            self._busy.release()
+            raise
+
+    def _answered(self, answer: concurrent.futures.Future) -> None:
+        try:
+            generation, reset, gained, lost = answer.result()
+            if generation is None or not (reset or gained or lost):
+                self._done(generation)
+                return
+            self._apply(gained, lost, reset).add_done_callback(lambda applied: self._done(generation if applied.exception() is None else None))
+        except BaseException:
+            logger.warning("the replica answer could not be applied; the next one resets", exc_info=True)
+            self._done(None)
+
+    def _done(self, generation: str | None) -> None:
+        if generation is not None:
+            self.applied = generation
+        self._busy.release()

@@ -19,7 +19,7 @@ import ray
 import torch
 
 from rayk.cluster.engine_loop import EngineLoop
-from rayk.cluster.reporting import EventReporter
+from rayk.cluster.reporting import EventReporter, ReplicaSync
 from rayk.cluster.routing import FetchPlan
 from rayk.cluster.transfer import PeerPuller
 from rayk.config import EngineConfig
@@ -91,16 +91,12 @@ class CacheWorker:
         def send_inventory(seq, inventory) -> None:
             coordinator.load_inventory.remote(worker_id, self.epoch, seq, inventory).future().result(timeout=30)
 
-        applied_replicas = [None]  # the generation of the last replica answer applied
+        self._replicas = ReplicaSync(
+            lambda applied: coordinator.replica_changes.remote(worker_id, self.epoch, applied).future(),
+            lambda gained, lost, reset: self.loop.call(lambda engine: engine.memory.mark_replicated(gained, lost, reset)),
+        )
 
-        def sync_replicas() -> None:
-            answer = coordinator.replica_changes.remote(worker_id, self.epoch, applied_replicas[0]).future().result(timeout=10)
-            generation, reset, gained, lost = answer
-            if reset or gained or lost:
-                self.loop.call(lambda engine: engine.memory.mark_replicated(gained, lost, reset)).result(timeout=10)
-            applied_replicas[0] = generation
-
-        self.reporter = EventReporter(self.loop, send_report, send_inventory, interval_s=report_interval_s, sync_replicas=sync_replicas)
+        self.reporter = EventReporter(self.loop, send_report, send_inventory, interval_s=report_interval_s, sync_replicas=self._replicas.ask)
 
     def info(self) -> dict:
         """What a driver needs to tokenize, hash and validate requests for this model."""
