@@ -44,6 +44,8 @@ STORED_TIERS = ("device", "host", "disk")
 # (kind, source tier, target tier, blocks, bytes, start seconds, end seconds), perf_counter clock
 TransferObserver = Callable[[str, str, str, int, int, float, float], None]
 
+_PER_BLOCK_COPY_BYTES = 1 << 20
+
 Source = tuple[str, object]
 """Where a found block is: ("device", block id), ("host", slot), ("disk", KV tensor read and
 verified) or ("remote", KV tensor staged from a peer)."""
@@ -141,8 +143,9 @@ class TierChain:
 
     def promote(self, sources: Sequence[Source], targets: Sequence[int]) -> None:
         """Copies each held non-device source into its target device block (``targets[i]``
-        for the i-th non-device source): per tier, one batched copy (host; disk and remote on
-        CUDA) or one copy per block into place (disk and remote on the CPU)."""
+        for the i-th non-device source): per tier, one batched copy, except for large blocks
+        from disk or a peer on the CPU, copied into place one by one (half the bytes moved; for
+        small blocks the per-call cost outweighs that)."""
         by_tier: dict[str, tuple[list, list[int]]] = {}
         for (tier, ref), target in zip([s for s in sources if s[0] != "device"], targets):
             refs, blocks = by_tier.setdefault(tier, ([], []))
@@ -153,12 +156,12 @@ class TierChain:
             if tier == "host":
                 self.host.onload(refs, self.kv_cache, blocks)
                 self.host.release(refs)
-            elif self.kv_cache.device.type == "cuda":  # one host-to-device copy for them all
-                self.kv_cache.scatter(blocks, torch.cat(refs, dim=2))
-            else:  # on the CPU one copy each, straight into place, beats concatenating first
-                kv = self.kv_cache.kv
+            elif self.kv_cache.device.type == "cpu" and self.kv_cache.layout.bytes_per_block >= _PER_BLOCK_COPY_BYTES:
+                kv = self.kv_cache.kv  # large CPU blocks: one copy each, straight into place
                 for ref, block in zip(refs, blocks):
                     kv[:, :, block].copy_(ref[:, :, 0])
+            else:  # one batched copy (on CUDA, one host-to-device transfer for them all)
+                self.kv_cache.scatter(blocks, torch.cat(refs, dim=2))
             self.record_transfer("onload", tier, "device", len(refs), start)
 
     def place_on_device(self, records: Sequence[BlockRecord], blocks: torch.Tensor) -> None:
