@@ -396,8 +396,9 @@ class Cluster:
         ``epoch``, ``load``, ``reporter``, ``transfers`` (blocks and bytes pulled from and served
         to peers, the measured pull and prefill rates, failed pulls by reason) and
         ``replicated_blocks`` (its blocks another worker holds too); ``unavailable_workers``: the
-        live workers that did not answer (restarting), with the error; ``cluster``: the same keys summed over the workers
-        (rates recomputed; empty while the coordinator knows no worker, as right after it restarted);
+        live workers that did not answer (restarting), with the error; ``cluster``: the same keys
+        summed over the workers (rates recomputed; empty while the coordinator knows no worker, as
+        right after it restarted);
         ``directory``: ``blocks``, the distinct keys the coordinator's directory holds, ``workers``,
         the keys per worker (a block cached on two workers counts on both, so these may add up
         to more than ``blocks``), and ``prefixes``, the distinct prefixes per worker; ``routing``:
