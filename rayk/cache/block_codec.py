@@ -99,7 +99,7 @@ def encode(
     offset = PREFIX_BYTES + len(header)
     buffer = np.empty(offset + n * size, dtype=np.uint8)
     payload = torch.from_numpy(buffer[offset:]).view(n, size)
-    block_shape = (2, layout.num_layers, layout.block_size, layout.num_kv_heads, layout.head_dim)
+    block_shape = _block_shape(layout)
     if compression is None:
         values = payload.view(layout.dtype).view(n, *block_shape)
         for i, block in enumerate(per_block):
@@ -224,10 +224,8 @@ def decode_payloads(payloads: Sequence[np.ndarray], compression: str | None, lay
     """``[2, layers, n, ...]`` in the model's dtype from blocks' payload bytes: a new tensor,
     each payload copied once (payloads may be read-only views, such as a Ray object's)."""
     n = len(payloads)
-    block_shape = (2, layout.num_layers, layout.block_size, layout.num_kv_heads, layout.head_dim)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # only read, never written
-        raws = [torch.from_numpy(p) for p in payloads]
+    block_shape = _block_shape(layout)
+    raws = [_read_only_tensor(p) for p in payloads]
     if compression is None:
         out = torch.empty((2, layout.num_layers, n, *block_shape[2:]), dtype=layout.dtype)
         for i, raw in enumerate(raws):
@@ -271,8 +269,17 @@ def decode(buffer: np.ndarray | bytes, fingerprint: bytes, layout: KVLayout) -> 
         return DecodedBatch(records, None, num_rejected)
     if num_rejected or header.compression is not None:
         return DecodedBatch(records, decode_payloads(payloads, header.compression, layout), num_rejected)
-    shape = (len(records), 2, layout.num_layers, layout.block_size, layout.num_kv_heads, layout.head_dim)
+    raw = _read_only_tensor(buffer[header.payload_offset :])
+    return DecodedBatch(records, raw.view(layout.dtype).view(len(records), *_block_shape(layout)).permute(1, 2, 0, 3, 4, 5), 0)
+
+
+def _block_shape(layout: KVLayout) -> tuple[int, ...]:
+    """One block, block-major: ``[2, layers, block_size, kv_heads, head_dim]``."""
+    return (2, layout.num_layers, layout.block_size, layout.num_kv_heads, layout.head_dim)
+
+
+def _read_only_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor over ``array``'s bytes, which may be read-only (a Ray object's): only ever read."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # only read, never written
-        raw = torch.from_numpy(buffer[header.payload_offset :])
-    return DecodedBatch(records, raw.view(layout.dtype).view(shape).permute(1, 2, 0, 3, 4, 5), 0)
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
