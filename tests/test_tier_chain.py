@@ -39,7 +39,7 @@ def _serve(engine, prompt, remote=None):
 
 
 def _export(llm, prompt):
-    return llm.engine.cache.chain.export(llm.engine.block_hashes(prompt))
+    return llm.engine.cache.chain.export(llm.engine.block_hashes(prompt))[0]
 
 
 @pytest.mark.parametrize("source_tier", ["device", "host", "disk"])
@@ -67,9 +67,11 @@ def test_an_export_stops_at_the_first_block_it_does_not_hold(tiny_llama_dir, pro
     keys = source.engine.block_hashes(prompt)
     source.evict(keys[2:3])
     layout = source.engine.kv_cache.layout
-    header = block_codec.read_header(source.engine.cache.chain.export(keys), source.engine.fingerprint, layout)
-    assert [r.key for r in header.records] == keys[:2]
-    empty = source.engine.cache.chain.export([b"x" * 16])
+    buffer, num_blocks = source.engine.cache.chain.export(keys)
+    header = block_codec.read_header(buffer, source.engine.fingerprint, layout)
+    assert [r.key for r in header.records] == keys[:2] and num_blocks == 2
+    empty, num_blocks = source.engine.cache.chain.export([b"x" * 16])
+    assert num_blocks == 0
     assert block_codec.read_header(empty, source.engine.fingerprint, layout).records == ()
 
 

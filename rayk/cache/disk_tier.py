@@ -144,6 +144,12 @@ class DiskTier:
         entry = self._index.get(key)
         return None if entry is None else BlockRecord(-1, key, entry.parent, entry.depth, entry.tokens)
 
+    def read_block(self, key: BlockHash) -> tuple[BlockRecord, torch.Tensor] | None:
+        """What the tier holds under ``key`` and its KV, checked; None if absent or corrupt."""
+        record = self.record(key)
+        payload = self.read(key, record.parent, record.tokens) if record is not None else None
+        return None if payload is None else (record, payload)
+
     def read(self, key: BlockHash, parent: BlockHash, tokens: bytes) -> torch.Tensor | None:
         """The block's ``[2, layers, 1, ...]`` KV, or None if absent, not this block, or corrupt."""
         with self._lock:

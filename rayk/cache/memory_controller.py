@@ -243,12 +243,11 @@ def _read_batches(tier: DiskTier, keys: Sequence[BlockHash], size: int = _SNAPSH
     order, ``size`` blocks at a time: a reader of a whole tier or snapshot writes few segments."""
     records, parts = [], []
     for key in keys:
-        entry = tier.record(key)
-        payload = tier.read(key, entry.parent, entry.tokens) if entry is not None else None
-        if payload is None:
+        found = tier.read_block(key)
+        if found is None:
             continue
-        records.append(entry)
-        parts.append(payload)
+        records.append(found[0])
+        parts.append(found[1])
         if len(records) == size:
             yield records, torch.cat(parts, dim=2)
             records, parts = [], []

@@ -123,16 +123,18 @@ class TierChain:
             self.demote(evicted, "demote")
         return blocks
 
-    def demote(self, records: list[BlockRecord], kind: str) -> None:
-        """Copies device blocks (``records[i].block``) to the best tier below, if any."""
-        start = time.perf_counter()
-        if self.host is not None:
-            self.host.demote(records, self.kv_cache)
-        elif self.disk is not None:
-            self.disk.store(records, self.kv_cache.gather([r.block for r in records]))
-        else:
+    def demote(self, records: list[BlockRecord], kind: str, tier: str | None = None) -> None:
+        """Copies device blocks (``records[i].block``) to ``tier`` ("host" or "disk"), by
+        default the best tier below, if any."""
+        tier = tier or ("host" if self.host is not None else "disk" if self.disk is not None else None)
+        if tier is None:
             return
-        self.record_transfer(kind, "device", (self.host or self.disk).name, len(records), start)
+        start = time.perf_counter()
+        if tier == "host":
+            self.host.demote(records, self.kv_cache)
+        else:
+            self.disk.store(records, self.kv_cache.gather([r.block for r in records]))
+        self.record_transfer(kind, "device", tier, len(records), start)
 
     def hold(self, sources: Sequence[Source]) -> None:
         """Protects a hit's device blocks and host slots until it is promoted."""
@@ -203,12 +205,7 @@ class TierChain:
         self.settle()
         moved = self.pool.evict(keys)
         if moved:
-            start = time.perf_counter()
-            if tier == "host":
-                self.host.demote(moved, self.kv_cache)
-            else:
-                self.disk.store(moved, self.kv_cache.gather([r.block for r in moved]))
-            self.record_transfer("offload", "device", tier, len(moved), start)
+            self.demote(moved, "offload", tier)
         if tier == "disk" and self.host is not None:
             start = time.perf_counter()
             from_host = self.host.pool.evict(keys)
@@ -261,11 +258,8 @@ class TierChain:
         if not skip_host and self.host is not None and key in self.host.pool.cached:
             slot = self.host.pool.cached[key]
             return self.host.pool.record(slot), self.host.read([slot]), "host"
-        if self.disk is not None and (entry := self.disk.record(key)) is not None:
-            payload = self.disk.read(key, entry.parent, entry.tokens)
-            if payload is not None:
-                return entry, payload, "disk"
-        return None
+        found = self.disk.read_block(key) if self.disk is not None else None
+        return None if found is None else (*found, "disk")
 
     def settle(self) -> None:
         """Waits for pending host copies and disk writes, so every tier shows what it holds."""
@@ -314,10 +308,10 @@ class TierChain:
 
     # -- peers --------------------------------------------------------------------------------
 
-    def export(self, keys: Sequence[BlockHash]) -> np.ndarray:
-        """The leading run of ``keys`` this worker holds, from any tier, as one block batch (it
-        stops at the first key it holds nowhere: later blocks of a chain are of no use without
-        it). An empty batch when it holds none. Device and host blocks are copied once, straight
+    def export(self, keys: Sequence[BlockHash]) -> tuple[np.ndarray, int]:
+        """The leading run of ``keys`` this worker holds, from any tier, as one block batch, and
+        how many blocks it holds (it stops at the first key it holds nowhere: later blocks of a
+        chain are of no use without it). An empty batch when it holds none. Device and host blocks are copied once, straight
         into the batch."""
         self.begin_lookup()  # host copies that finished count as held
         records, blocks, tiers = [], [], set()
@@ -345,7 +339,7 @@ class TierChain:
         batch = block_codec.encode(records, blocks, self.fingerprint, self.kv_cache.layout)
         if records:
             self.record_transfer("export", "+".join(sorted(tiers)), "remote", len(records), start)
-        return batch
+        return batch, len(records)
 
     def stage_remote(self, request_id: str, records: Sequence[BlockRecord], blocks: torch.Tensor) -> None:
         """Holds blocks pulled from a peer for ``request_id`` (see the module doc)."""

@@ -428,8 +428,7 @@ class Router:
             plan = FetchPlan(source, tuple(keys[hit.num_blocks : source_blocks]))
         saved_tokens = pulls[chosen] if chosen in pulls else saved.get(chosen, 0.0)
         if plan is not None and chosen not in pulls:
-            pull_cost = lacked * self.block_size * min(1.0, self._pull_costs[self._index[chosen]]) + self.pull_overhead_tokens
-            saved_tokens += max(0.0, lacked * self.block_size - pull_cost)
+            saved_tokens += max(0.0, self._pull_saving(chosen, lacked * self.block_size))
         return RouteChoice(chosen, hit, oracle_blocks, saved_tokens, plan, lacked)
 
     def _pull_credits(self, held: dict[BlocksByTier, list[str]], saved: dict[str, float], source: str, source_blocks: int) -> dict[str, float]:
@@ -442,15 +441,17 @@ class Router:
             if not counts[1] and counts.num_blocks < source_blocks:
                 candidates.update(zip(filter(self._states.__contains__, holders), repeat(counts)))
         credits = {}
-        for worker_id, own in candidates.items():
-            if worker_id == source or own.num_blocks >= source_blocks:
-                continue
-            cost = self._pull_costs[self._index[worker_id]]
-            pulled = (source_blocks - own.num_blocks) * self.block_size
-            credit = saved.get(worker_id, 0.0) + pulled * (1.0 - cost) - self.pull_overhead_tokens
-            if credit > saved.get(worker_id, 0.0):
-                credits[worker_id] = credit
+        for worker_id, own in candidates.items():  # none is the source, each lacks some blocks
+            saving = self._pull_saving(worker_id, (source_blocks - own.num_blocks) * self.block_size)
+            if saving > 0:
+                credits[worker_id] = saved.get(worker_id, 0.0) + saving
         return credits
+
+    def _pull_saving(self, worker_id: str, tokens: int) -> float:
+        """Prefill tokens a worker saves by pulling ``tokens`` instead of computing them: each
+        pulled token costs its measured fraction of a computed one, the call a fixed overhead."""
+        cost = min(1.0, self._pull_costs[self._index[worker_id]])
+        return tokens * (1.0 - cost) - self.pull_overhead_tokens
 
     def _cheapest(self, saved: dict[str, float], num_tokens: int, seeding: bool) -> str:
         """The worker of least ``queue_weight * queued - saved``; ``saved`` is each holder's credit

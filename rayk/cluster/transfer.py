@@ -106,10 +106,10 @@ class PeerPuller:
         self.rate.add(len(decoded.records) * self.layout.block_size, elapsed)
         return decoded
 
-    def served(self, buffer: np.ndarray) -> None:
+    def served(self, num_blocks: int, num_bytes: int) -> None:
         """Counts a batch this worker exported to a peer."""
-        self.served_blocks += len(block_codec.read_header(buffer, self.fingerprint, self.layout).records)
-        self.served_bytes += len(buffer)
+        self.served_blocks += num_blocks
+        self.served_bytes += num_bytes
 
     def stats(self) -> dict:
         return {

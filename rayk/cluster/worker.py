@@ -154,8 +154,8 @@ class CacheWorker:
     async def export_blocks(self, keys: list[bytes]) -> np.ndarray:
         """The leading run of ``keys`` this worker holds, in any tier, as one block batch (Ray
         stores the returned buffer as one object for the puller to fetch)."""
-        buffer = await asyncio.wrap_future(self.loop.call(lambda engine: engine.cache.chain.export(keys)))
-        self.puller.served(buffer)
+        buffer, num_blocks = await asyncio.wrap_future(self.loop.call(lambda engine: engine.cache.chain.export(keys)))
+        self.puller.served(num_blocks, len(buffer))
         return buffer
 
     async def _fetch(self, source: str, keys) -> np.ndarray:
