@@ -130,6 +130,10 @@ class _Worker:
     def stored_sets(self) -> list[set]:
         return [self.containers[_CONTAINER_OF_TIER[tier]] for tier in TIERS]
 
+    def stored_keys(self) -> set[BlockHash]:
+        """The keys it stores in any tier (pending excluded), as a new set."""
+        return set().union(*self.stored_sets())
+
 
 class PrefixDirectory:
     """Block key → the workers holding it and in which tier, fed by KV event batches."""
@@ -443,21 +447,21 @@ class PrefixDirectory:
 
     def blocks_per_worker(self) -> dict[str, int]:
         """Worker → distinct keys it stores in any tier (pending excluded). O(blocks): for stats."""
-        return {worker_id: len(set().union(*worker.stored_sets())) for worker_id, worker in self._workers.items()}
+        return {worker_id: len(worker.stored_keys()) for worker_id, worker in self._workers.items()}
 
     def held_twice(self) -> set[BlockHash]:
         """The keys stored (any tier) by two workers or more. O(blocks held)."""
         seen: set[BlockHash] = set()
         twice: set[BlockHash] = set()
         for worker in self._workers.values():
-            mine = set().union(*worker.stored_sets())
+            mine = worker.stored_keys()
             twice |= mine & seen
             seen |= mine
         return twice
 
     def stored_keys(self, worker_id: str) -> set[BlockHash]:
         """The keys the worker stores, in any tier. O(its blocks)."""
-        return set().union(*self._worker(worker_id).stored_sets())
+        return self._worker(worker_id).stored_keys()
 
     def blocks_per_tier(self, worker_id: str) -> dict[str, int]:
         """Tier → keys the worker stores there (a key in two tiers counts in both). O(1)."""
