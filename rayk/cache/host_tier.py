@@ -59,15 +59,19 @@ class HostTier:
         self.blocks = torch.zeros(shape, dtype=torch.int8 if compress else layout.dtype, pin_memory=pinned)
         if compress:
             self.scales = torch.zeros((num_blocks, 2, layout.num_layers, layout.num_kv_heads), dtype=torch.float32, pin_memory=pinned)
-            bytes_per_block = compressed_block_bytes(layout.num_layers, layout.block_size, layout.num_kv_heads, layout.head_dim)
-        else:
-            bytes_per_block = layout.bytes_per_block
-        self.pool = BlockPool(num_blocks, layout.block_size, tier=self.name, policy=policy, bytes_per_block=bytes_per_block)
+        self.pool = BlockPool(num_blocks, layout.block_size, tier=self.name, policy=policy, bytes_per_block=self.block_bytes(layout, compress))
         self.lower = lower
         self._pending: deque[_PendingCopy] = deque()
         self._pending_keys: set[BlockHash] = set()
         self.num_stored = 0
         self.num_loaded = 0
+
+    @staticmethod
+    def block_bytes(layout: KVLayout, compress: bool) -> int:
+        """Bytes one block takes in this tier (int8 values and their scales when compressed)."""
+        if compress:
+            return compressed_block_bytes(layout.num_layers, layout.block_size, layout.num_kv_heads, layout.head_dim)
+        return layout.bytes_per_block
 
     def lookup(self, key: BlockHash, parent: BlockHash, tokens: bytes) -> int | None:
         return self.pool.lookup(key, parent, tokens)
