@@ -37,6 +37,7 @@ from rayk.hashing import BlockHash, BlockHasher
 from rayk.llm import as_prompt_batch, render_conversations, sampling_params_for, target_keys
 from rayk.model.loader import DEFAULT_MODEL
 from rayk.outputs import ClusterRequestOutput, CompletionDelta, RequestOutput
+from rayk.profile_report import render_report
 from rayk.sampling_params import SamplingParams
 
 # Numeric stats leaves that describe a worker rather than count something: not summed (strings never are).
@@ -167,7 +168,7 @@ class Cluster:
             try:
                 ray.get(ref)
             except ray.exceptions.RayError as error:
-                raise RuntimeError(f"worker-{i} failed to start: {error}") from error
+                raise RuntimeError(f"worker-{i} failed to start: {_root_cause(error)}") from error
         return [f"worker-{i}" for i in range(num_workers)]
 
     @classmethod
@@ -487,6 +488,32 @@ class Cluster:
     def reset_prefix_cache(self, tiers: Sequence[str] = ("device", "host", "disk"), *, worker: str | None = None):
         return self._control("reset_prefix_cache", worker, list(tiers) if not isinstance(tiers, str) else tiers)
 
+    def export_profile(self, path: str | os.PathLike, *, seconds: float = 5.0, worker: str | None = None) -> dict:
+        """Records ``worker`` (or every worker) for ``seconds`` while traffic runs, then writes
+        one self-contained HTML page to ``path``: a summary table per worker and tier, and per
+        worker its charts (see ``rayk.profile_report``); ``seconds=0`` records nothing and writes
+        the memory profiles and tables only. Returns ``{"path", "seconds", "workers"}``, the last
+        the page's data: per worker id, ``memory_profile`` and ``recording`` (None if not recorded)."""
+        if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+            raise ValueError(f"path must be a file path (str or os.PathLike), got {path!r}")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise ValueError(f"path {os.fspath(path)!r} is in a directory that does not exist")
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds < float("inf"):
+            raise ValueError(f"seconds must be a finite number of seconds >= 0, got {seconds!r}")
+        if worker is not None and not isinstance(worker, str):
+            raise ValueError(f"worker must be None (every worker) or a worker id such as 'worker-0', got {worker!r}")
+        if seconds > 0:
+            self._control("start_profile", worker)
+        try:
+            time.sleep(seconds)
+        finally:
+            # Taken even when interrupted: a profiler left running would record until the next start.
+            taken = self._control("take_profile", worker)
+        profiles = {worker: taken} if worker is not None else taken
+        with open(path, "w", encoding="utf-8") as page:
+            page.write(render_report("rayk cluster KV cache profile", profiles))
+        return {"path": os.fspath(path), "seconds": float(seconds), "workers": profiles}
+
     def block_hashes(self, prompt: str | Sequence[int], *, cache_salt: str | None = None) -> list[BlockHash]:
         """The keys of a prompt's full blocks, as every worker names them."""
         return self.hasher.hash_blocks(prompt_token_ids(prompt, self.tokenizer, self.vocab_size, "prompt", cache_salt), cache_salt)
@@ -539,11 +566,19 @@ def _init_ray(address: str | None, namespace: str) -> bool:
     if ray.is_initialized():
         return False
     if address is None:
-        # The embedded default binds to loopback: nothing is reachable from other machines.
-        ray.init(namespace=namespace, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+        # A new local Ray ("local": never one that happens to run here), bound to loopback:
+        # nothing is reachable from other machines.
+        ray.init(address="local", namespace=namespace, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
         return True
     ray.init(address=address, namespace=namespace)
     return False
+
+
+def _root_cause(error: ray.exceptions.RayError) -> str:
+    """The line that names what went wrong in a remote error: Ray's message ends with the remote
+    exception's own ``Type: message`` line, after the traceback."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 def _find_actor(name: str, namespace: str):

@@ -8,19 +8,21 @@
 Recorded per step: its span and batch, a snapshot of each tier's occupancy and the cumulative
 hit rate, and which device blocks attention read. Recorded as they happen: every batched copy
 between tiers (demote, onload, offload, prefetch) and every batch of evictions per tier.
+
+A cluster worker cannot hold a ``with`` block open across two driver calls: its controls
+``start_profile`` and ``take_profile`` run ``start_profiling`` and ``take_profile`` below on the
+engine's thread, and the driver renders what the workers return (``Cluster.export_profile``).
 """
 
 from __future__ import annotations
 
-import html
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rayk.cache.events import BlocksRemoved
-
-_PALETTE = {"device": "#1f77b4", "host": "#ff7f0e", "disk": "#2ca02c", "hit rate": "#d62728"}
+from rayk.profile_report import render_report
 
 
 @dataclass
@@ -38,16 +40,19 @@ class Profiler:
         self.engine = engine
         self.recording = _Recording()
         self._origin = 0.0
+        self._stopped_at: float | None = None
         self._tables: list[int] = []
 
     def __enter__(self) -> Profiler:
         self._origin = time.perf_counter()
+        self._stopped_at = None
         self.engine.step_observers.append(self)
         self.engine.cache.chain.transfer_observers.append(self._on_transfer)
         self.engine.subscribe(self._on_events)
         return self
 
     def __exit__(self, *exc) -> None:
+        self._stopped_at = time.perf_counter()
         self.engine.step_observers.remove(self)
         self.engine.cache.chain.transfer_observers.remove(self._on_transfer)
         self.engine.unsubscribe(self._on_events)
@@ -109,69 +114,55 @@ class Profiler:
     def export_chrome_trace(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.chrome_trace()))
 
-    # -- HTML report --------------------------------------------------------------------------
+    # -- plain data and the HTML report --------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        """The recording as plain data (lists, dicts, numbers, strings): ``steps``,
+        ``transfers``, ``evictions`` and ``accesses`` as recorded (times in seconds since the
+        profiler started), ``num_device_blocks`` (the heatmap's height) and ``seconds``, how
+        long it has recorded (until it stopped, or until now)."""
+        recording = self.recording
+        end = self._stopped_at if self._stopped_at is not None else time.perf_counter()
+        return {
+            "steps": list(recording.steps),
+            "transfers": list(recording.transfers),
+            "evictions": list(recording.evictions),
+            "accesses": list(recording.accesses),
+            "num_device_blocks": self.engine.pool.num_blocks,
+            "seconds": end - self._origin,
+        }
 
     def export_html(self, path: str | Path) -> None:
-        """A self-contained page: occupancy per tier, hit-rate timeline, block-access heatmap."""
-        steps = self.recording.steps
-        times = [s["end"] for s in steps]
-        tiers = [t for t in ("device", "host", "disk") if any(t in s["occupancy"] for s in steps)]
-        occupancy = {t: [s["occupancy"].get(t, 0) for s in steps] for t in tiers}
-        moved = sum(t["bytes"] for t in self.recording.transfers)
-        parts = [
-            "<!doctype html><html><head><meta charset='utf-8'><title>rayk KV cache profile</title>",
-            "<style>body{font-family:sans-serif;margin:2em}svg{border:1px solid #ccc;margin-bottom:1em}</style></head><body>",
-            "<h1>rayk KV cache profile</h1>",
-            f"<p>{len(steps)} steps, {len(self.recording.transfers)} transfers ({moved / 2**20:.2f} MiB), "
-            f"{sum(e['blocks'] for e in self.recording.evictions)} evictions.</p>",
-            "<h2>Cached blocks per tier</h2>",
-            _line_chart(times, occupancy, "seconds", "blocks"),
-            "<h2>Prefix-cache hit rate</h2>",
-            _line_chart(times, {"hit rate": [s["hit_rate"] for s in steps]}, "seconds", "hit rate"),
-            "<h2>Device block accesses</h2><p>Steps run left to right, block ids top to bottom; a cell is darker the more blocks in it attention read.</p>",
-            _heatmap(self.recording.accesses, self.engine.pool.num_blocks),
-            "</body></html>",
-        ]
-        Path(path).write_text("\n".join(parts))
+        """A self-contained page (see ``rayk.profile_report``): the summary table of the engine's
+        memory profile now, and the charts of the recording."""
+        report = render_report("rayk KV cache profile", {"engine": {"memory_profile": self.engine.memory_profile(), "recording": self.to_dict()}})
+        Path(path).write_text(report, encoding="utf-8")
+
+
+def start_profiling(engine) -> None:
+    """Starts a ``Profiler`` on ``engine`` that ``take_profile`` stops; one left running (by a
+    caller that never took it) is stopped and dropped first. Runs on the engine's thread."""
+    running = _running_profiler(engine)
+    if running is not None:
+        running.__exit__(None, None, None)
+    Profiler(engine).__enter__()
+
+
+def take_profile(engine) -> dict:
+    """Stops the profiler ``start_profiling`` started, if one runs, and returns
+    ``{"memory_profile": engine.memory_profile(), "recording": its to_dict() or None}``: the
+    input of ``rayk.profile_report.render_report`` for one worker. Runs on the engine's thread."""
+    running = _running_profiler(engine)
+    if running is not None:
+        running.__exit__(None, None, None)
+    return {"memory_profile": engine.memory_profile(), "recording": running.to_dict() if running is not None else None}
+
+
+def _running_profiler(engine) -> Profiler | None:
+    """The profiler among the engine's step observers (the engine owns that list)."""
+    return next((o for o in engine.step_observers if isinstance(o, Profiler)), None)
 
 
 def _span(name: str, category: str, track: int, start: float, end: float, args: dict) -> dict:
     """A complete ("X") trace event; times in seconds, written in microseconds."""
     return {"name": name, "cat": category, "ph": "X", "pid": 1, "tid": track, "ts": start * 1e6, "dur": (end - start) * 1e6, "args": args}
-
-
-def _line_chart(xs: list[float], series: dict[str, list[float]], x_label: str, y_label: str, width=720, height=220) -> str:
-    pad = 40
-    x_max = max(xs, default=1.0) or 1.0
-    y_max = max((max(v, default=0) for v in series.values()), default=1) or 1
-    svg = [f"<svg width='{width}' height='{height}' xmlns='http://www.w3.org/2000/svg'>"]
-    svg.append(f"<text x='{pad}' y='14' font-size='12'>{html.escape(y_label)} (max {y_max:.3g})</text>")
-    svg.append(f"<text x='{width - 8}' y='{height - 6}' font-size='12' text-anchor='end'>{html.escape(x_label)} (max {x_max:.3g})</text>")
-    for i, (name, ys) in enumerate(series.items()):
-        points = " ".join(f"{pad + (x / x_max) * (width - 2 * pad):.1f},{height - pad - (y / y_max) * (height - 2 * pad):.1f}" for x, y in zip(xs, ys))
-        color = _PALETTE.get(name, "#555")
-        svg.append(f"<polyline fill='none' stroke='{color}' stroke-width='2' points='{points}'><title>{html.escape(name)}</title></polyline>")
-        svg.append(f"<text x='{pad + 90 * i}' y='{height - 22}' font-size='12' fill='{color}'>{html.escape(name)}</text>")
-    svg.append("</svg>")
-    return "".join(svg)
-
-
-def _heatmap(accesses: list[list[int]], num_blocks: int, width=720, height=240, max_rows=64, max_cols=180) -> str:
-    """Steps left to right, block ids top to bottom, darker where more blocks were read."""
-    rows = min(max_rows, num_blocks)
-    cols = min(max_cols, max(len(accesses), 1))
-    counts = [[0] * cols for _ in range(rows)]
-    for step, blocks in enumerate(accesses):
-        col = step * cols // max(len(accesses), 1)
-        for block in blocks:
-            counts[block * rows // num_blocks][col] += 1
-    peak = max((max(r) for r in counts), default=0) or 1
-    cell_w, cell_h = width / cols, height / rows
-    svg = [f"<svg width='{width}' height='{height}' xmlns='http://www.w3.org/2000/svg'>"]
-    for r, row in enumerate(counts):
-        for c, count in enumerate(row):
-            if count:
-                shade = int(255 - 220 * count / peak)
-                svg.append(f"<rect x='{c * cell_w:.1f}' y='{r * cell_h:.1f}' width='{cell_w:.1f}' height='{cell_h:.1f}' fill='rgb({shade},{shade},255)'/>")
-    svg.append("</svg>")
-    return "".join(svg)

@@ -25,6 +25,7 @@ from rayk.cluster.transfer import PeerPuller
 from rayk.config import EngineConfig
 from rayk.engine.llm_engine import LLMEngine
 from rayk.outputs import CompletionDelta, RequestOutput
+from rayk.profiler import start_profiling, take_profile
 from rayk.sampling_params import SamplingParams
 
 WORKER_NAME_PREFIX = "rayk-"
@@ -42,6 +43,8 @@ _CONTROLS = {
     "reset_prefix_cache": lambda engine, tiers: engine.memory.clear(tiers),
     "flush_events": lambda engine: None,  # returns once the coordinator has every event so far
     "check_invariants": lambda engine: _check_invariants(engine),
+    "start_profile": start_profiling,  # records until take_profile (see rayk.profiler)
+    "take_profile": take_profile,  # the recording, if any, and the memory profile, as plain data
 }
 
 
