@@ -4,7 +4,9 @@ local multi-node Ray clusters on loopback."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
@@ -62,6 +64,22 @@ def tiny_llama_dir(tmp_path_factory):
         },
     )
     return _save(LlamaForCausalLM(config).eval(), tmp_path_factory.mktemp("tiny_llama"), with_tokenizer=True)
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_dir(tiny_llama_dir, tmp_path_factory):
+    """``tiny_llama_dir`` with a chat template, as an instruct model has: what chat prompts, the
+    CLI and the examples render through."""
+    directory = tmp_path_factory.mktemp("tiny_chat")
+    shutil.copytree(tiny_llama_dir, directory, dirs_exist_ok=True)
+    (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
+    return directory
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,7 @@
+"""``python -m rayk`` is the ``rayk`` command."""
+
+import sys
+
+from rayk.cli import main
+
+sys.exit(main())
