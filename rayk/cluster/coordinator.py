@@ -35,6 +35,7 @@ import ray
 
 from rayk.cache.events import AllBlocksCleared, KVEventBatch
 from rayk.cluster.directory import PrefixDirectory
+from rayk.cluster.metrics import EXPORT_INTERVAL_S, CoordinatorMetrics, RayMetricsSink
 from rayk.cluster.routing import RouteDecision, Router, WorkerLoad
 from rayk.hashing import BlockHash
 
@@ -190,10 +191,15 @@ class Coordinator:
     def __init__(self, block_size: int, routing: str, liveness_timeout_s: float, pull: str = "auto"):
         self.state = CoordinatorState(block_size, routing, liveness_timeout_s, pull)
         self._watcher: asyncio.Task | None = None
+        self._metrics = CoordinatorMetrics(ray.get_runtime_context().namespace)
+        self._metrics_sink = RayMetricsSink.create()
+        self._exporter: asyncio.Task | None = None
 
     def _watch(self) -> None:
         if self._watcher is None:
             self._watcher = asyncio.get_running_loop().create_task(self._expire_forever())
+        if self._exporter is None and self._metrics_sink is not None:
+            self._exporter = asyncio.get_running_loop().create_task(self._export_metrics_forever())
 
     async def _expire_forever(self) -> None:
         while True:
@@ -202,6 +208,18 @@ class Coordinator:
                 self.state.expire()
             except Exception:  # liveness must outlive any one failure
                 logger.exception("expiring silent workers failed; trying again")
+
+    async def _export_metrics_forever(self) -> None:
+        """Reads the router's counts into the metrics once a second, on the actor's loop (the
+        state is not thread-safe), between two calls."""
+        while True:
+            await asyncio.sleep(EXPORT_INTERVAL_S)
+            state = self.state
+            try:
+                updates = self._metrics.updates(state.router.stats(), state.directory.num_blocks, len(state.members))
+                self._metrics_sink.apply(updates)
+            except Exception:
+                logger.exception("exporting the coordinator's metrics failed; trying again")
 
     async def report(self, worker_id, epoch, batches, load, received) -> bool:
         self._watch()

@@ -2,7 +2,8 @@
 
 A thin shell: an ``EngineLoop`` drives the engine, an ``EventReporter`` sends its KV events and
 load to the coordinator, a ``PeerPuller`` runs fetch plans against other workers'
-``export_blocks``, and the actor's methods forward to them. The actor runs on asyncio, so
+``export_blocks``, and the actor's methods forward to them. A ``WorkerMetrics`` turns the engine's
+counts into Ray metrics once a second (``rayk.cluster.metrics``). The actor runs on asyncio, so
 many requests wait on it at once while the loop thread steps the engine; each incarnation has an
 ``epoch`` (nanoseconds at start), larger after every restart.
 """
@@ -19,6 +20,7 @@ import ray
 import torch
 
 from rayk.cluster.engine_loop import EngineLoop
+from rayk.cluster.metrics import PeriodicExport, RayMetricsSink, WorkerMetrics
 from rayk.cluster.reporting import EventReporter, ReplicaSync
 from rayk.cluster.routing import FetchPlan
 from rayk.cluster.transfer import PeerPuller
@@ -100,6 +102,9 @@ class CacheWorker:
         )
 
         self.reporter = EventReporter(self.loop, send_report, send_inventory, interval_s=report_interval_s, sync_replicas=self._replicas.ask)
+        sink = RayMetricsSink.create()  # None without Ray's metrics agent: nothing is measured
+        self.metrics = WorkerMetrics(worker_id, namespace) if sink is not None else None
+        self._metrics_export = self._export_metrics(sink) if sink is not None else None
 
     def info(self) -> dict:
         """What a driver needs to tokenize, hash and validate requests for this model."""
@@ -132,7 +137,7 @@ class CacheWorker:
         """Yields the request's deltas as the engine produces them; the last one is finished.
         With a ``plan`` the planned blocks are pulled from their peer first (a failed pull only
         means those tokens are computed)."""
-        remote = await self.puller.pull(plan) if plan is not None else None
+        remote = await self._pull(plan) if plan is not None else None
         event_loop = asyncio.get_running_loop()
         deltas: asyncio.Queue = asyncio.Queue()
         self.loop.submit(token_ids, params, cache_salt, request_id, lambda d: event_loop.call_soon_threadsafe(deltas.put_nowait, d), remote)
@@ -144,6 +149,8 @@ class CacheWorker:
                     ended = True
                     raise delta
                 ended = delta.finished
+                if ended and self.metrics is not None:
+                    self.metrics.request_finished(delta.output)
                 yield delta
                 if ended:
                     return
@@ -153,6 +160,25 @@ class CacheWorker:
                     self.loop.abort(request_id)
                 except RuntimeError:
                     pass  # the loop is closed or failed: the request is gone with it
+
+    def _export_metrics(self, sink: RayMetricsSink) -> PeriodicExport:
+        """Exports this worker's metrics once a second (``rayk.cluster.metrics``)."""
+        self.engine.cache.chain.transfer_observers.append(self.metrics.transfer_done)
+
+        def collect():
+            engine_stats = self.loop.call(lambda engine: engine.stats()).result(timeout=10)
+            return self.metrics.updates(engine_stats, self.puller.stats())
+
+        return PeriodicExport(collect, sink)
+
+    async def _pull(self, plan: FetchPlan):
+        if self.metrics is None:
+            return await self.puller.pull(plan)
+        start = time.perf_counter()
+        try:
+            return await self.puller.pull(plan)
+        finally:
+            self.metrics.pull_done(time.perf_counter() - start)
 
     async def export_blocks(self, keys: list[bytes]) -> np.ndarray:
         """The leading run of ``keys`` this worker holds, in any tier, as one block batch (Ray
@@ -211,5 +237,7 @@ class CacheWorker:
 
     def shutdown(self) -> None:
         """Stops reporting and the engine (spilling the cache to disk when it has a disk tier)."""
+        if self._metrics_export is not None:
+            self._metrics_export.close()
         self.reporter.close()
         self.loop.close()
