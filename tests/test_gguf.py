@@ -138,7 +138,7 @@ def test_stop_strings_cut_the_text_before_them(llm):
     cut = llm.chat(CHATS[1], rayk.SamplingParams(temperature=0, max_tokens=40, stop=[stop, "never appears"]))[0]
     assert cut.finish_reason == "stop" and stop not in cut.text
     assert full.text.startswith(cut.text) and len(cut.token_ids) < len(full.token_ids)
-    with pytest.raises(TypeError, match="stop must be a non-empty string"):
+    with pytest.raises(ValueError, match="stop strings must not be empty"):
         rayk.SamplingParams(stop=[""])
 
 

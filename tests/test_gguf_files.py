@@ -13,6 +13,7 @@ from gguf.quants import dequantize, quantize
 from safetensors.torch import load_file
 
 import rayk
+from rayk.model.gguf_file import GGUFFile
 from rayk.model.gguf_loader import dequantize_tensor
 from tests.conftest import VOCAB_SIZE, random_prompts
 
@@ -125,12 +126,16 @@ def test_every_supported_quant_type_dequantizes_like_the_reference(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    reader = gguf.GGUFReader(str(tmp_path / "quants.gguf"))
-    assert sorted(t.name for t in reader.tensors) == sorted(("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"))
-    for tensor in reader.tensors:
-        ours = dequantize_tensor(tensor)
-        assert ours.shape == (4, 512) and ours.dtype == np.float32 and ours.flags.writeable
-        np.testing.assert_array_equal(ours, dequantize(tensor.data, tensor.tensor_type).reshape(4, 512), err_msg=tensor.name)
+    reference = gguf.GGUFReader(str(tmp_path / "quants.gguf"))  # gguf's own parser and decoder
+    ours = GGUFFile(tmp_path / "quants.gguf")
+    assert [t.name for t in ours.tensors] == [t.name for t in reference.tensors]
+    assert sorted(t.name for t in ours.tensors) == sorted(("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"))
+    for mine, theirs in zip(ours.tensors, reference.tensors):
+        assert mine.quant == theirs.tensor_type.name == mine.name
+        assert (mine.offset, mine.nbytes, mine.shape) == (theirs.data_offset, theirs.n_bytes, (4, 512))
+        values = dequantize_tensor(ours, mine)
+        assert values.shape == (4, 512) and values.dtype == torch.float32
+        np.testing.assert_array_equal(values.numpy(), dequantize(theirs.data, theirs.tensor_type).reshape(4, 512), err_msg=mine.name)
 
 
 def test_bad_gguf_models_name_the_problem(tiny_checkpoint, tmp_path):
@@ -161,12 +166,14 @@ def test_a_converted_copy_serves_later_loads_with_the_same_weights(tiny_checkpoi
     assert not load_model(gguf_file, torch.bfloat16, cpu, cache).from_cache
     assert not cache.exists() or not any(cache.iterdir())  # a 16-bit load leaves no copy
     first = load_model(gguf_file, torch.float32, cpu, cache)
+    first.cache_write.join()  # written in the background while the first model serves
     second = load_model(gguf_file, torch.float32, cpu, cache)
-    assert not first.from_cache and second.from_cache
+    assert not first.from_cache and second.from_cache and second.cache_write is None
     assert second.weights_identity == first.weights_identity
     for (name, a), (_, b) in zip(first.model.state_dict().items(), second.model.state_dict().items()):
         assert torch.equal(a, b), name
     [entry] = cache.iterdir()
     (entry / "meta.json").write_text("{not json")
     rebuilt = load_model(gguf_file, torch.float32, cpu, cache)
+    rebuilt.cache_write.join()
     assert not rebuilt.from_cache and load_model(gguf_file, torch.float32, cpu, cache).from_cache

@@ -1,6 +1,7 @@
 """Loading a decoder from a GGUF file (llama.cpp's format), dequantized on load.
 
-The file is read with the ``gguf`` package (llama.cpp's own reader). Its metadata (``llama.*``,
+The file is parsed by ``rayk.model.gguf_file`` (every length and offset checked, tensor bytes
+memory-mapped) and dequantized by ``rayk.model.gguf_dequantize``. Its metadata (``llama.*``,
 ``qwen3.*``) becomes the same ``DecoderArchitecture`` a config.json gives, its tensor names map
 onto the Hugging Face names the safetensors loader checks, and every shape is checked before
 anything is dequantized. llama.cpp's converter permutes the rows of Llama's q and k projections
@@ -10,17 +11,19 @@ anything is dequantized. llama.cpp's converter permutes the rows of Llama's q an
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 import xxhash
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from rayk.model.architecture import DecoderArchitecture
 from rayk.model.file_identity import add_file_samples
+from rayk.model.gguf_dequantize import dequantize
+from rayk.model.gguf_file import TENSOR_TYPES, GGUFFile, GGUFTensor
 
-SUPPORTED_QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+SUPPORTED_QUANT_TYPES = tuple(name for name, _, _ in TENSOR_TYPES.values())
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
 _LAYER_NAMES = {
@@ -52,54 +55,91 @@ def find_gguf(path: Path) -> Path | None:
     return None
 
 
-def open_gguf(path: Path):
-    import gguf
-
-    try:
-        return gguf.GGUFReader(str(path))
-    except Exception as error:
-        raise ValueError(f"{path.name} is not a readable GGUF file ({type(error).__name__}: {error})") from None
+def open_gguf(path: Path) -> GGUFFile:
+    """The parsed file; a ValueError naming the file and the fault if it is not a sound GGUF."""
+    return GGUFFile(path)
 
 
-def gguf_architecture(reader, path: Path) -> DecoderArchitecture:
+def gguf_architecture(reader: GGUFFile, path: Path) -> DecoderArchitecture:
     """The architecture from GGUF metadata, as a config.json would give it."""
     def field(name: str, default=None):
-        found = reader.fields.get(name)
-        return default if found is None else _value(found)
+        return reader.fields.get(name, default)
 
     arch_name = field("general.architecture")
-    if arch_name not in _ARCHITECTURES:
+    if not isinstance(arch_name, str) or arch_name not in _ARCHITECTURES:
         raise ValueError(f"{path.name}: unsupported GGUF architecture {arch_name!r}; rayk serves {sorted(_ARCHITECTURES)}")
 
-    def meta(key: str, default=None):
+    def meta(key: str, default=None, kind: type = int):
+        """A positive int (or a float, for ``kind=float``), else an error naming the key."""
         value = field(f"{arch_name}.{key}", default)
         if value is None:
             raise ValueError(f"{path.name}: GGUF metadata lacks {arch_name}.{key}")
-        return value
+        wanted = (int,) if kind is int else (int, float)
+        if isinstance(value, bool) or not isinstance(value, wanted) or not value > 0:
+            raise ValueError(f"{path.name}: GGUF metadata {arch_name}.{key} is {value!r}, not a positive {kind.__name__}")
+        return kind(value)
 
-    hidden, heads = int(meta("embedding_length")), int(meta("attention.head_count"))
-    tensor_names = {t.name for t in reader.tensors}
-    token_count = len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in reader.fields else None
+    hidden, heads = meta("embedding_length"), meta("attention.head_count")
+    tokens = field("tokenizer.ggml.tokens")
     config = {
         "architectures": [_ARCHITECTURES[arch_name]],
-        "vocab_size": int(field(f"{arch_name}.vocab_size") or token_count or 0),
+        "vocab_size": meta("vocab_size", len(tokens) if isinstance(tokens, list) else None),
         "hidden_size": hidden,
-        "intermediate_size": int(meta("feed_forward_length")),
-        "num_hidden_layers": int(meta("block_count")),
+        "intermediate_size": meta("feed_forward_length"),
+        "num_hidden_layers": meta("block_count"),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(meta("attention.head_count_kv", heads)),
-        "head_dim": int(field(f"{arch_name}.attention.key_length") or hidden // heads),
-        "rms_norm_eps": float(meta("attention.layer_norm_rms_epsilon")),
-        "rope_theta": float(meta("rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(meta("context_length")),
-        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "num_key_value_heads": meta("attention.head_count_kv", heads),
+        "head_dim": meta("attention.key_length", hidden // heads),
+        "rms_norm_eps": meta("attention.layer_norm_rms_epsilon", kind=float),
+        "rope_theta": meta("rope.freq_base", 10000.0, kind=float),
+        "max_position_embeddings": meta("context_length"),
+        "tie_word_embeddings": "output.weight" not in {t.name for t in reader.tensors},
         "eos_token_id": field("tokenizer.ggml.eos_token_id"),
     }
     return DecoderArchitecture.from_hf_config(config)
 
 
-def gguf_tensors(reader, arch: DecoderArchitecture, expected: dict[str, tuple[int, ...]], dtype: torch.dtype, path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor under its Hugging Face name, checked, then dequantized into ``dtype``."""
+def gguf_weights(
+    reader: GGUFFile, arch: DecoderArchitecture, expected: dict[str, tuple[int, ...]], layout: dict[str, tuple[str, ...]], dtype: torch.dtype, path: Path
+) -> dict[str, torch.Tensor]:
+    """The decoder's weights in ``dtype``, every tensor checked first, then dequantized.
+
+    ``expected``: Hugging Face name -> shape; ``layout``: fused name -> the parts stacked into it.
+    Each part is dequantized straight into its rows of the fused tensor (no concatenation copy),
+    on several threads.
+    """
+    named = _checked_tensors(reader, arch, expected, path)
+    weights, targets = {}, {}
+    for fused_name, parts in layout.items():
+        rows = [expected[part][0] for part in parts]
+        weights[fused_name] = torch.empty((sum(rows), *expected[parts[0]][1:]), dtype=dtype)
+        targets |= dict(zip(parts, weights[fused_name].split(rows)))
+    for name in named.keys() - targets.keys():
+        weights[name] = targets[name] = torch.empty(expected[name], dtype=dtype)
+
+    def convert(name: str) -> None:
+        target, tensor = targets[name], named[name]
+        heads = None
+        if arch.architecture == "LlamaForCausalLM" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = arch.num_heads if "q_proj" in name else arch.num_kv_heads
+        if heads is None and target.dtype == torch.float32:
+            dequantize(reader.raw(tensor), tensor.quant, target)
+            return
+        values = dequantize_tensor(reader, tensor)
+        if heads is None:
+            target.copy_(values)  # rounds to a 16-bit dtype as .to() would
+        else:
+            _copy_unpermuted(target, values, heads)
+
+    # numpy's ufuncs release the GIL: decode on as many threads as torch may use here (a cluster
+    # worker is given its share of the cores).
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        list(pool.map(convert, named))
+    return weights
+
+
+def _checked_tensors(reader: GGUFFile, arch: DecoderArchitecture, expected: dict[str, tuple[int, ...]], path: Path) -> dict[str, GGUFTensor]:
+    """Hugging Face name -> tensor, once every name, type and shape is known to be right."""
     named = {}
     for tensor in reader.tensors:
         if tensor.name == "rope_freqs.weight":
@@ -107,56 +147,49 @@ def gguf_tensors(reader, arch: DecoderArchitecture, expected: dict[str, tuple[in
         name = _hf_name(tensor.name)
         if name is None or (arch.tie_word_embeddings and name == "lm_head.weight"):
             raise ValueError(f"{path.name}: unexpected tensor {tensor.name!r}")
-        quant = tensor.tensor_type.name
-        if quant not in SUPPORTED_QUANT_TYPES:
-            raise ValueError(f"{path.name}: tensor {tensor.name} is {quant}, not one of the supported types {SUPPORTED_QUANT_TYPES}")
-        shape = tuple(int(d) for d in reversed(tensor.shape))
+        if tensor.quant not in SUPPORTED_QUANT_TYPES:
+            raise ValueError(f"{path.name}: tensor {tensor.name} is {tensor.quant}, not one of the supported types {SUPPORTED_QUANT_TYPES}")
         if name not in expected:
             raise ValueError(f"weights do not match the GGUF metadata: unexpected tensor {tensor.name!r}")
-        if shape != expected[name]:
-            raise ValueError(f"weights do not match the GGUF metadata: {tensor.name} has shape {shape}, the metadata implies {expected[name]}")
+        if tensor.shape != expected[name]:
+            raise ValueError(f"weights do not match the GGUF metadata: {tensor.name} has shape {tensor.shape}, the metadata implies {expected[name]}")
         named[name] = tensor
     missing = sorted(set(expected) - set(named))
     if missing:
         raise ValueError(f"weights do not match the GGUF metadata: missing tensors {missing[:5]}")
-    tensors = {}
-    for name, tensor in named.items():
-        try:
-            values = dequantize_tensor(tensor)
-        except Exception as error:
-            raise ValueError(f"{path.name}: cannot dequantize {tensor.name} ({type(error).__name__}: {error}); is the file truncated?") from None
-        if arch.architecture == "LlamaForCausalLM" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            values = _unpermute(values, arch.num_heads if "q_proj" in name else arch.num_kv_heads)
-        tensors[name] = torch.from_numpy(values).to(dtype)
-    return tensors
+    return named
 
 
-def dequantize_tensor(tensor) -> np.ndarray:
-    """A GGUF tensor as a writable float32 array in row-major (Hugging Face) shape."""
-    from gguf.quants import dequantize
+def dequantize_tensor(reader: GGUFFile, tensor: GGUFTensor) -> torch.Tensor:
+    """A GGUF tensor as a new float32 tensor in row-major (Hugging Face) shape."""
+    values = torch.empty(tensor.shape, dtype=torch.float32)
+    dequantize(reader.raw(tensor), tensor.quant, values)
+    return values
 
-    shape = tuple(int(d) for d in reversed(tensor.shape))
-    return np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
 
-
-def gguf_identity(reader, path: Path) -> str:
+def gguf_identity(reader: GGUFFile, path: Path) -> str:
     """File identity plus quant types, so a Q4_1 and an F16 copy of one model differ."""
     digest = xxhash.xxh3_128(b"gguf:")
-    digest.update(",".join(f"{t.name}={t.tensor_type.name}" for t in reader.tensors).encode())
+    digest.update(",".join(f"{t.name}={t.quant}" for t in reader.tensors).encode())
     add_file_samples(digest, path)
     return digest.hexdigest()
 
 
-def gguf_tokenizer(reader, path: Path) -> Tokenizer | None:
+def gguf_tokenizer(reader: GGUFFile, path: Path) -> Tokenizer | None:
     """A byte-level BPE tokenizer from ``tokenizer.ggml.*``; None if the file has none."""
     if "tokenizer.ggml.tokens" not in reader.fields:
         return None
-    kind = _value(reader.fields["tokenizer.ggml.model"])
+    fields = reader.fields
+    kind = fields.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise ValueError(f"{path.name}: tokenizer type {kind!r} is not supported; rayk builds byte-level BPE ('gpt2') tokenizers")
-    tokens = _value(reader.fields["tokenizer.ggml.tokens"])
-    merges = [tuple(m.split(" ", 1)) for m in _value(reader.fields["tokenizer.ggml.merges"])]
-    types = _value(reader.fields["tokenizer.ggml.token_type"]) if "tokenizer.ggml.token_type" in reader.fields else [1] * len(tokens)
+    tokens = _string_list(fields["tokenizer.ggml.tokens"], "tokenizer.ggml.tokens", path)
+    merges = [tuple(m.split(" ", 1)) for m in _string_list(fields.get("tokenizer.ggml.merges", []), "tokenizer.ggml.merges", path)]
+    if any(len(m) != 2 for m in merges):
+        raise ValueError(f"{path.name}: tokenizer.ggml.merges holds an entry that is not two space-separated tokens")
+    types = fields.get("tokenizer.ggml.token_type", [1] * len(tokens))
+    if not isinstance(types, list) or len(types) != len(tokens):
+        raise ValueError(f"{path.name}: tokenizer.ggml.token_type must list one type per token ({len(tokens)})")
     tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, byte_fallback=False))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
@@ -164,9 +197,11 @@ def gguf_tokenizer(reader, path: Path) -> Tokenizer | None:
     return tokenizer
 
 
-def chat_template(reader) -> str | None:
-    field = reader.fields.get("tokenizer.chat_template")
-    return None if field is None else _value(field)
+def chat_template(reader: GGUFFile, path: Path) -> str | None:
+    template = reader.fields.get("tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        raise ValueError(f"{path.name}: tokenizer.chat_template is a {type(template).__name__}, not a string")
+    return template
 
 
 def _hf_name(gguf_name: str) -> str | None:
@@ -178,13 +213,15 @@ def _hf_name(gguf_name: str) -> str | None:
     return None
 
 
-def _unpermute(weight: np.ndarray, num_heads: int) -> np.ndarray:
-    """Undoes llama.cpp's row permutation of a q/k projection (pairs interleaved per head)."""
+def _copy_unpermuted(target: torch.Tensor, weight: torch.Tensor, num_heads: int) -> None:
+    """Writes ``weight`` into ``target`` undoing llama.cpp's row permutation of a q/k projection
+    (per head, its converter interleaves the rows of the two rotary halves)."""
     rows = weight.shape[0]
-    return weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    split = (num_heads, 2, rows // num_heads // 2, *weight.shape[1:])
+    target.view(split).copy_(weight.view(num_heads, rows // num_heads // 2, 2, *weight.shape[1:]).transpose(1, 2))
 
 
-def _value(field):
-    """A metadata field as a plain Python value."""
-    value = field.contents()
-    return value.tolist() if isinstance(value, np.ndarray) else value
+def _string_list(value, key: str, path: Path) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{path.name}: {key} is not a list of strings")
+    return value

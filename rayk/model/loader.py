@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +23,9 @@ from tokenizers import Tokenizer
 from rayk.model.architecture import DecoderArchitecture
 from rayk.model.decoder import CausalLM
 from rayk.model.file_identity import add_file_samples
-from rayk.model.gguf_cache import cache_entry, load_cached, store_cached
-from rayk.model.gguf_loader import chat_template, find_gguf, gguf_architecture, gguf_identity, gguf_tensors, gguf_tokenizer, open_gguf
+from rayk.model.gguf_cache import cache_entry, load_cached, store_cached_in_background
+from rayk.model.gguf_loader import chat_template, find_gguf, gguf_architecture, gguf_identity, gguf_tokenizer, gguf_weights, open_gguf
+from rayk.model.load_progress import LoadProgress
 from rayk.model.tokenizer import TextTokenizer
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -37,11 +39,15 @@ _FUSED_PARTS = ("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.", "
 
 @dataclass
 class LoadedModel:
+    """``cache_write``: the thread writing a converted copy of a GGUF model, if one was started
+    (the model is served meanwhile; Python waits for the write at exit)."""
+
     model: CausalLM
     arch: DecoderArchitecture
     tokenizer: TextTokenizer | None
     weights_identity: str
     from_cache: bool = False
+    cache_write: threading.Thread | None = None
 
 
 def default_model_path() -> Path:
@@ -64,20 +70,24 @@ def load_model(path: str | Path, dtype: torch.dtype | None, device: torch.device
     """Loads weights in ``dtype`` (None: the checkpoint's own; float32 for GGUF) onto ``device``.
 
     ``cache_dir``: where a converted copy of a GGUF model is kept for quick later loads (None: off).
+    A load that takes over a second says what it is doing on stderr (``LoadProgress``).
     """
     path = resolve_model(str(path))
     if not path.exists():
         raise ValueError(f"model directory {str(path)!r} does not exist")
     gguf_file = find_gguf(path)
-    if gguf_file is not None:
-        return _load_gguf(gguf_file, dtype or torch.float32, device, Path(cache_dir).expanduser() if cache_dir else None)
-    if not path.is_dir():
-        raise ValueError(f"model {str(path)!r} is neither a Hugging Face model directory nor a .gguf file")
-    arch = DecoderArchitecture.from_directory(path)
-    dtype = dtype or arch.torch_dtype
-    files = _safetensors_files(path)
-    tensors = _read_checked_tensors(files, expected_tensor_shapes(arch), arch, dtype)
-    return LoadedModel(_build(arch, _fuse(tensors, arch), device), arch, _directory_tokenizer(path, arch), weights_identity(files))
+    with LoadProgress(gguf_file.name if gguf_file is not None else path.name) as progress:
+        if gguf_file is not None:
+            return _load_gguf(gguf_file, dtype or torch.float32, device, Path(cache_dir).expanduser() if cache_dir else None, progress)
+        if not path.is_dir():
+            raise ValueError(f"model {str(path)!r} is neither a Hugging Face model directory nor a .gguf file")
+        arch = DecoderArchitecture.from_directory(path)
+        dtype = dtype or arch.torch_dtype
+        files = _safetensors_files(path)
+        progress.stage("reading weights")
+        tensors = _read_checked_tensors(files, expected_tensor_shapes(arch), arch, dtype)
+        progress.stage("building the model")
+        return LoadedModel(_build(arch, _fuse(tensors, arch), device), arch, _directory_tokenizer(path, arch), weights_identity(files))
 
 
 def _directory_tokenizer(path: Path, arch: DecoderArchitecture) -> TextTokenizer | None:
@@ -92,25 +102,35 @@ def _directory_tokenizer(path: Path, arch: DecoderArchitecture) -> TextTokenizer
     return TextTokenizer(Tokenizer.from_file(str(tokenizer_file)), None, eos, template)
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, cache_dir: Path | None) -> LoadedModel:
+def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, cache_dir: Path | None, progress: LoadProgress) -> LoadedModel:
     entry = cache_entry(cache_dir, path) if cache_dir is not None else None
+    progress.stage("reading the converted copy")
     cached = load_cached(entry, dtype) if entry is not None and entry.is_dir() else None
     if cached is not None:
         arch, fused, tokenizer, identity = cached
+        progress.stage("building the model")
         return LoadedModel(_build(arch, fused, device), arch, tokenizer, identity, from_cache=True)
+    progress.stage("reading the GGUF file")
     reader = open_gguf(path)
     arch = gguf_architecture(reader, path)
-    fused = _fuse(gguf_tensors(reader, arch, expected_tensor_shapes(arch), dtype, path), arch)
+    progress.stage("dequantizing weights")
+    fused = gguf_weights(reader, arch, expected_tensor_shapes(arch), fused_layout(arch), dtype, path)
+    progress.stage("building the tokenizer")
     backend = gguf_tokenizer(reader, path)
     tokenizer = None
     if backend is not None:
         bos = reader.fields.get("tokenizer.ggml.bos_token_id")
+        if bos is not None and (type(bos) is not int or not 0 <= bos < arch.vocab_size):
+            raise ValueError(f"{path.name}: tokenizer.ggml.bos_token_id is {bos!r}, not a token id below the vocabulary size {arch.vocab_size}")
         eos = arch.eos_token_ids[0] if arch.eos_token_ids else None
-        tokenizer = TextTokenizer(backend, None if bos is None else int(bos.contents()), eos, chat_template(reader))
+        tokenizer = TextTokenizer(backend, bos, eos, chat_template(reader, path))
     identity = gguf_identity(reader, path)
-    if entry is not None and dtype == torch.float32:
-        store_cached(entry, arch, fused, tokenizer, identity)
-    return LoadedModel(_build(arch, fused, device), arch, tokenizer, identity)
+    progress.stage("building the model")
+    model = _build(arch, fused, device)
+    # Only float32 weights are kept: a copy rounded to 16 bits would serve later float32 loads
+    # rounded weights. The copy is written while the model serves: it is not needed until the next start.
+    write = store_cached_in_background(entry, arch, fused, tokenizer, identity) if entry is not None and dtype == torch.float32 else None
+    return LoadedModel(model, arch, tokenizer, identity, cache_write=write)
 
 
 def _build(arch: DecoderArchitecture, fused: dict[str, torch.Tensor], device: torch.device) -> CausalLM:
@@ -197,13 +217,21 @@ def _read_checked_tensors(files, expected, arch, dtype) -> dict[str, torch.Tenso
     return tensors
 
 
-def _fuse(tensors: dict[str, torch.Tensor], arch: DecoderArchitecture) -> dict[str, torch.Tensor]:
-    """Hugging Face names to the decoder's, concatenating q/k/v and gate/up."""
-    fused = {name: t for name, t in tensors.items() if not any(part in name for part in _FUSED_PARTS)}
+def fused_layout(arch: DecoderArchitecture) -> dict[str, tuple[str, ...]]:
+    """Each fused decoder tensor and the checkpoint tensors stacked (along dim 0) into it, in order."""
+    layout = {}
     for i in range(arch.num_layers):
         p = f"model.layers.{i}."
         for kind in ["weight"] + (["bias"] if arch.attention_bias else []):
-            fused[p + f"self_attn.qkv_proj.{kind}"] = torch.cat([tensors[p + f"self_attn.{x}_proj.{kind}"] for x in "qkv"])
+            layout[p + f"self_attn.qkv_proj.{kind}"] = tuple(p + f"self_attn.{x}_proj.{kind}" for x in "qkv")
         for kind in ["weight"] + (["bias"] if arch.mlp_bias else []):
-            fused[p + f"mlp.gate_up_proj.{kind}"] = torch.cat([tensors[p + f"mlp.{x}_proj.{kind}"] for x in ("gate", "up")])
+            layout[p + f"mlp.gate_up_proj.{kind}"] = tuple(p + f"mlp.{x}_proj.{kind}" for x in ("gate", "up"))
+    return layout
+
+
+def _fuse(tensors: dict[str, torch.Tensor], arch: DecoderArchitecture) -> dict[str, torch.Tensor]:
+    """Hugging Face names to the decoder's, concatenating q/k/v and gate/up."""
+    fused = {name: t for name, t in tensors.items() if not any(part in name for part in _FUSED_PARTS)}
+    for name, parts in fused_layout(arch).items():
+        fused[name] = torch.cat([tensors[part] for part in parts])
     return fused
