@@ -5,7 +5,8 @@ and every import count) to the moment the constructor returns; its exit (which w
 conversion-cache write still in progress) does not count. Runs alternate, and each figure is
 the median of ``--repeats``:
 
-* ``import``: ``import rayk`` alone, the floor every start pays (mostly torch).
+* ``import``: ``import rayk`` and torch, the floor every start of a model pays (``import rayk``
+  alone loads neither torch nor Ray; they come with ``rayk.LLM`` or ``rayk.Cluster``).
 * ``LLM cold``: ``rayk.LLM()`` with ``conversion_cache_dir`` an empty directory (the first start
   after install: the GGUF file is parsed and dequantized).
 * ``LLM warm``: ``rayk.LLM()`` again on the directory the previous cold run filled.
@@ -41,7 +42,7 @@ GOALS_S = {"LLM cold": 5.0, "LLM warm": 2.0, "Cluster": 12.0}
 
 # Each child prints one JSON line; ``SPAWNED`` is the parent's time.time() just before spawning.
 _PRELUDE = "import json, sys, time\nSPAWNED = float(sys.argv[1])\n"
-IMPORT_SCRIPT = _PRELUDE + "import rayk\nprint(json.dumps({'ready_s': time.time() - SPAWNED}))\n"
+IMPORT_SCRIPT = _PRELUDE + "import rayk\nimport torch\nprint(json.dumps({'ready_s': time.time() - SPAWNED}))\n"
 LLM_SCRIPT = _PRELUDE + (
     "import rayk\n"
     "imported_s = time.time() - SPAWNED\n"

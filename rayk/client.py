@@ -117,8 +117,9 @@ class Cluster:
                 name=COORDINATOR_NAME, namespace=namespace, lifetime="detached", max_restarts=-1, num_cpus=0
             ).remote(config.cache.block_size, routing, float(liveness_timeout_s), pull)
             created = True  # from here on the namespace's actors are this call's own
-            ray.get(coordinator.config.remote())
-            started = self._start_workers(config, num_workers, device, float(pull_timeout_s))
+            workers = self._start_workers(config, num_workers, device, float(pull_timeout_s))
+            ray.get(coordinator.config.remote())  # its start overlapped the workers'
+            started = _wait_until_loaded(workers)
             self._owns_deployment = True
             self._attach(started)
         except BaseException:
@@ -128,8 +129,8 @@ class Cluster:
                 ray.shutdown()
             raise
 
-    def _start_workers(self, config: EngineConfig, num_workers: int | None, device: str, pull_timeout_s: float) -> list[str]:
-        """Starts the workers; returns their ids once each has loaded its model."""
+    def _start_workers(self, config: EngineConfig, num_workers: int | None, device: str, pull_timeout_s: float) -> list:
+        """Starts the workers (their handles, in id order); each loads its model meanwhile."""
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
         if device == "cuda" and gpus == 0:
@@ -164,12 +165,7 @@ class Cluster:
                     **placement,
                 ).remote(worker_id, worker_config, COORDINATOR_NAME, self.namespace, num_threads, pull_timeout_s=pull_timeout_s)
             )
-        for i, ref in enumerate([w.info.remote() for w in workers]):
-            try:
-                ray.get(ref)
-            except ray.exceptions.RayError as error:
-                raise RuntimeError(f"worker-{i} failed to start: {_root_cause(error)}") from error
-        return [f"worker-{i}" for i in range(num_workers)]
+        return workers
 
     @classmethod
     def _connect(cls, namespace: str, address: str | None) -> Cluster:
@@ -572,6 +568,16 @@ def _init_ray(address: str | None, namespace: str) -> bool:
         return True
     ray.init(address=address, namespace=namespace)
     return False
+
+
+def _wait_until_loaded(workers: list) -> list[str]:
+    """The workers' ids, once each has loaded its model; the first failure names its worker."""
+    for i, ref in enumerate([w.info.remote() for w in workers]):
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayError as error:
+            raise RuntimeError(f"worker-{i} failed to start: {_root_cause(error)}") from error
+    return [f"worker-{i}" for i in range(len(workers))]
 
 
 def _root_cause(error: ray.exceptions.RayError) -> str:

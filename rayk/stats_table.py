@@ -7,7 +7,6 @@ hits against the oracle. Pure functions of the stats dict: nothing here talks to
 
 from __future__ import annotations
 
-TIERS = ("device", "host", "disk", "remote")
 COLUMNS = ("worker", "tier", "blocks", "used", "cached", "free", "bytes", "hit tokens", "evictions")
 
 

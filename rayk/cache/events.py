@@ -22,6 +22,11 @@ from dataclasses import dataclass
 
 from rayk.hashing import BlockHash
 
+TIERS = ("device", "host", "disk", "remote")
+"""Where a worker's blocks can be: its own tiers, then blocks staged from a peer ("remote")."""
+STORED_TIERS = ("device", "host", "disk")
+"""The tiers a worker stores blocks in (and announces events for)."""
+
 
 @dataclass(frozen=True)
 class BlocksStored:

@@ -33,13 +33,10 @@ import torch
 from rayk.cache import block_codec
 from rayk.cache.block_pool import BlockPool, BlockRecord
 from rayk.cache.disk_tier import DiskTier
-from rayk.cache.events import KVEvent
+from rayk.cache.events import STORED_TIERS, TIERS, KVEvent
 from rayk.cache.host_tier import HostTier
 from rayk.cache.paged_kv import PagedKVCache
 from rayk.hashing import BlockHash
-
-TIERS = ("device", "host", "disk", "remote")
-STORED_TIERS = ("device", "host", "disk")
 
 # (kind, source tier, target tier, blocks, bytes, start seconds, end seconds), perf_counter clock
 TransferObserver = Callable[[str, str, str, int, int, float, float], None]

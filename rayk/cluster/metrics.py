@@ -29,7 +29,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from rayk.cache.tier_chain import STORED_TIERS, TIERS
+from rayk.cache.events import STORED_TIERS, TIERS
 from rayk.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
