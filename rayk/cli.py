@@ -27,7 +27,8 @@ from pathlib import Path
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
-BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+SOURCE_CHECKOUT = Path(__file__).resolve().parent.parent
+"""The repository root when rayk runs from a clone (pip install -e); benchmarks/ lives there."""
 
 
 class CommandError(Exception):
@@ -52,17 +53,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-    except (CommandError, ValueError, TypeError, RuntimeError, OSError) as error:
+    except Exception as error:
         print(f"rayk {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_ERROR
-    except Exception as error:  # a Ray error: still one line, with its type
-        print(f"rayk {args.command}: error: {type(error).__name__}: {_one_line(error)}", file=sys.stderr)
-        return EXIT_ERROR
 
 
-def _one_line(error: BaseException) -> str:
+def _one_line(error: Exception) -> str:
+    """The line that says what went wrong: a remote error's own last line (after Ray's header
+    and the remote traceback), else the first line, with the type when it is not ours."""
+    ray = sys.modules.get("ray")
+    if ray is not None and isinstance(error, ray.exceptions.RayError):
+        from rayk.client import remote_error_message
+
+        return remote_error_message(error)
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
+    message = lines[0] if lines else ""
+    if isinstance(error, (CommandError, ValueError, TypeError, RuntimeError, OSError)):
+        return message or type(error).__name__
+    return f"{type(error).__name__}: {message}"
 
 
 # -- the parser ---------------------------------------------------------------------------------
@@ -106,7 +114,7 @@ def _build_parser() -> argparse.ArgumentParser:
     source.add_argument("--file", help='a JSON-lines file: one {"prompt": TEXT} or {"messages": [...]} per line')
     generate.add_argument("--max-tokens", type=int, default=64, help="new tokens per prompt (default 64)")
     generate.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-    generate.add_argument("--raw", action="store_true", help="send the text as it is, without the model's chat template")
+    generate.add_argument("--raw", action="store_true", help="send a --prompt or a file's \"prompt\" as it is, without the chat template (\"messages\" always use it)")
     generate.add_argument("--json", action="store_true", help="one JSON object per prompt: text, worker, cached tokens by tier, TTFT")
     generate.set_defaults(run=_generate)
 
@@ -178,10 +186,11 @@ def _start(args) -> int:
         )
         if value is not None
     }
-    _connect_ray(args.address, args.namespace)
+    model = _model(args.model)
+    address = _connect_ray(args.address, args.namespace)
     started = time.monotonic()
     cluster = rayk.Cluster(
-        _model(args.model),
+        model,
         num_workers=args.workers,
         routing=args.routing,
         pull=args.pull,
@@ -195,7 +204,7 @@ def _start(args) -> int:
     print(f"rayk: deployment {args.namespace!r} ready in {time.monotonic() - started:.1f} s, {len(workers)} workers:")
     for worker_id, stats in sorted(workers.items()):
         print(f"  {worker_id}  node {stats['node_id'][:12]}  {stats['device']}  {stats['device_pool']['num_blocks']} device blocks")
-    print(f"attach with: rayk.connect(namespace={args.namespace!r}); stop with: rayk stop --namespace {args.namespace}")
+    print(f"attach with: rayk.connect(namespace={args.namespace!r}, address={address!r}); stop with: rayk stop --namespace {args.namespace}")
     return 0
 
 
@@ -230,7 +239,7 @@ def _generate(args) -> int:
             print(json.dumps(record))
         else:
             print((output.text or "").strip())
-            print(f"  [{output.worker}: prompt {len(output.prompt_token_ids)} tokens, {output.num_cached_tokens} from cache, TTFT {output.ttft_s * 1000:.0f} ms]", file=sys.stderr)
+            print(f"  [{output.worker}: prompt {len(output.prompt_token_ids)} tokens, {output.num_cached_tokens} from cache{_ttft(output)}]", file=sys.stderr)
     return 0
 
 
@@ -239,8 +248,10 @@ def _stats(args) -> int:
 
     if args.interval <= 0:
         raise CommandError(f"--interval must be > 0 seconds, got {args.interval}")
-    if args.count is not None and args.count < 1:
-        raise CommandError(f"--count must be >= 1, got {args.count}")
+    if args.count is not None and (args.count < 1 or not args.watch):
+        raise CommandError(f"--count must be >= 1 and goes with --watch, got {args.count}{'' if args.watch else ' without --watch'}")
+    if args.json and args.watch:
+        raise CommandError("--json prints the stats once; it does not go with --watch")
     cluster = _connect(args)
     if args.json:
         print(json.dumps(cluster.stats(), default=str))
@@ -270,17 +281,25 @@ def _profile(args) -> int:
 
 
 def _bench(args) -> int:
-    available = sorted(p.stem for p in BENCHMARKS_DIR.glob("*.py")) if BENCHMARKS_DIR.is_dir() else []
+    benchmarks = SOURCE_CHECKOUT / "benchmarks"
+    # Only a clone of rayk has them; an installed rayk sits in site-packages beside other packages.
+    is_checkout = (SOURCE_CHECKOUT / "pyproject.toml").is_file() and (SOURCE_CHECKOUT / "rayk" / "cli.py").is_file()
+    available = sorted(p.stem for p in benchmarks.glob("*.py")) if is_checkout else []
     if not available:
-        raise CommandError(f"no benchmarks at {BENCHMARKS_DIR}: they ship with the source checkout (pip install -e .)")
+        raise CommandError("the benchmarks ship with the source checkout: run rayk from a clone (pip install -e .)")
     if args.name not in available:
         raise CommandError(f"unknown benchmark {args.name!r}; available: {', '.join(available)}")
     env = dict(os.environ)
     env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    return subprocess.run([sys.executable, str(BENCHMARKS_DIR / f"{args.name}.py"), *args.bench_args], env=env).returncode
+    status = subprocess.run([sys.executable, str(benchmarks / f"{args.name}.py"), *args.bench_args], env=env).returncode
+    return 128 - status if status < 0 else status  # killed by signal N: the shell's 128 + N
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
+
+def _ttft(output) -> str:
+    return f", TTFT {output.ttft_s * 1000:.0f} ms" if output.ttft_s is not None else ""
 
 
 def _model(model: str | None) -> str:
@@ -298,9 +317,9 @@ def _require_no_ray_address() -> None:
         raise CommandError("the demo starts its own Ray; unset RAY_ADDRESS (use rayk start to deploy on a cluster)")
 
 
-def _connect_ray(address: str, namespace: str) -> None:
+def _connect_ray(address: str, namespace: str) -> str:
     """Connects this process to the Ray cluster at ``address``, after checking, within seconds,
-    that something listens there (Ray itself would retry for minutes)."""
+    that something listens there (Ray itself would retry for minutes); returns its host:port."""
     import ray
     from ray._private.services import get_ray_address_from_environment
 
@@ -318,6 +337,7 @@ def _connect_ray(address: str, namespace: str) -> None:
     except OSError as error:
         raise CommandError(f"no Ray cluster at {resolved} ({error.strerror or error})") from None
     ray.init(address=resolved, namespace=namespace, logging_level=logging.ERROR, log_to_driver=False)
+    return resolved
 
 
 def _connect(args):

@@ -64,11 +64,13 @@ class _Request:
 class Cluster:
     """A rayk deployment: one coordinator and ``num_workers`` cache workers.
 
-    With no ``address`` and no Ray running, it starts an embedded Ray bound to 127.0.0.1; with an
-    ``address`` it joins that Ray cluster; when Ray is already initialized it uses it.
+    With no ``address``, when this process is not connected to Ray yet, it starts an embedded Ray
+    of its own bound to 127.0.0.1 (not one already running on the machine: ``address="auto"``
+    joins that); with an ``address`` it joins that Ray cluster; when this process is already
+    connected to Ray it uses that.
     ``num_workers`` defaults to the cluster's GPUs (one worker each), or 2 in CPU mode.
     ``options`` are ``rayk.LLM``'s (``block_size``, ``num_device_blocks``, ``host_blocks``,
-    ``disk_dir`` — each worker gets its own subdirectory —, …); ``eviction_policy`` defaults to
+    ``host_bytes``, ``disk_dir`` — each worker gets its own subdirectory —, …); ``eviction_policy`` defaults to
     ``cluster_aware`` here: a block another worker also holds is evicted before a last copy.
     ``pull`` ("auto", "always", "never") says whether routes may come with fetch plans;
     ``pull_timeout_s`` bounds one pull (after it the request computes those tokens). Leaving the
@@ -170,7 +172,13 @@ class Cluster:
     @classmethod
     def _connect(cls, namespace: str, address: str | None) -> Cluster:
         self = cls.__new__(cls)
-        self._started_ray = _init_ray(address, namespace)
+        if not ray.is_initialized():
+            try:
+                # No address: RAY_ADDRESS, or the Ray cluster running on this machine.
+                ray.init(address=address or "auto", namespace=namespace)
+            except ConnectionError as error:
+                raise ValueError(f"no Ray cluster to attach to at address={address or 'auto'!r}: {error}") from None
+        self._started_ray = False
         self.namespace = namespace
         if _find_actor(COORDINATOR_NAME, namespace) is None:
             if self._started_ray:
@@ -498,10 +506,10 @@ class Cluster:
             raise ValueError(f"seconds must be a finite number of seconds >= 0, got {seconds!r}")
         if worker is not None and not isinstance(worker, str):
             raise ValueError(f"worker must be None (every worker) or a worker id such as 'worker-0', got {worker!r}")
-        if seconds > 0:
-            self._control("start_profile", worker)
         try:
-            time.sleep(seconds)
+            if seconds > 0:
+                self._control("start_profile", worker)
+                time.sleep(seconds)
         finally:
             # Taken even when interrupted: a profiler left running would record until the next start.
             taken = self._control("take_profile", worker)
@@ -553,12 +561,14 @@ class Cluster:
 
 
 def connect(namespace: str = "rayk", address: str | None = None) -> Cluster:
-    """Attaches to the rayk deployment running in ``namespace``; a ValueError if none is."""
+    """Attaches to the rayk deployment running in ``namespace`` of the Ray cluster at ``address``
+    (None: ``RAY_ADDRESS``, or the cluster running on this machine); a ValueError if none is."""
     return Cluster._connect(namespace, address)
 
 
 def _init_ray(address: str | None, namespace: str) -> bool:
-    """Makes sure this process is connected to Ray; True when it started an embedded Ray."""
+    """Makes sure this process is connected to Ray; True when it started an embedded Ray (no
+    ``address``: a new one, never a cluster that happens to run on this machine)."""
     if ray.is_initialized():
         return False
     if address is None:
@@ -576,11 +586,11 @@ def _wait_until_loaded(workers: list) -> list[str]:
         try:
             ray.get(ref)
         except ray.exceptions.RayError as error:
-            raise RuntimeError(f"worker-{i} failed to start: {_root_cause(error)}") from error
+            raise RuntimeError(f"worker-{i} failed to start: {remote_error_message(error)}") from error
     return [f"worker-{i}" for i in range(len(workers))]
 
 
-def _root_cause(error: ray.exceptions.RayError) -> str:
+def remote_error_message(error: ray.exceptions.RayError) -> str:
     """The line that names what went wrong in a remote error: Ray's message ends with the remote
     exception's own ``Type: message`` line, after the traceback."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]

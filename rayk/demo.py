@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from rayk.client import Cluster
 from rayk.sampling_params import SamplingParams
-from rayk.stats_table import format_table
+from rayk.stats_table import format_table, routing_line
 
 DESKS = {
     "library": (
@@ -58,7 +58,8 @@ def run_demo(
     **options,
 ) -> dict:
     """Runs the workload on a new deployment and prints what happened; returns the numbers
-    printed (``outputs`` per worker, ``hit_tokens``, ``oracle_hit_tokens``)."""
+    printed (``per_worker``: requests, prompt tokens and hit tokens by tier; ``hit_tokens``,
+    ``oracle_hit_tokens``)."""
     if isinstance(users_per_desk, bool) or not isinstance(users_per_desk, int) or not 1 <= users_per_desk <= 6:
         raise ValueError(f"users_per_desk must be an int from 1 to 6, got {users_per_desk!r}")
     out(f"starting {num_workers} workers on {model} (embedded Ray on 127.0.0.1) ...")
@@ -105,16 +106,15 @@ def _report(answered: list[tuple], stats: dict, out: Callable[[str], None]) -> d
         rows.append((worker_id, row["requests"], row["prompt"], tiers.get("device", 0), tiers.get("host", 0), tiers.get("disk", 0), tiers.get("remote", 0), f"{pool['cached_blocks']}/{pool['num_blocks']}"))
     out("")
     out(format_table(("worker", "requests", "prompt tokens", "hit device", "hit host", "hit disk", "hit remote", "blocks cached"), rows))
-    routing = stats["routing"]
-    actual, oracle = routing["actual_hit_tokens"], routing["oracle_hit_tokens"]
     out("")
-    out(f"routing: {actual} hit tokens of the {oracle} the cluster held" + (f" ({actual / oracle:.0%} of the oracle)" if oracle else ""))
+    out(routing_line(stats["routing"]))
     out("")
     for desk, question, output in answered[:: max(1, len(answered) // 3)][:3]:
         out(f"[{desk}] Q: {question}")
         out(textwrap.fill(f"A: {(output.text or '').strip()}", width=100, initial_indent="  ", subsequent_indent="     "))
-        out(f"     {output.worker}: prompt {len(output.prompt_token_ids)} tokens, {output.num_cached_tokens} from cache, TTFT {output.ttft_s * 1000:.0f} ms")
-    return {"per_worker": per_worker, "hit_tokens": actual, "oracle_hit_tokens": oracle}
+        ttft = f", TTFT {output.ttft_s * 1000:.0f} ms" if output.ttft_s is not None else ""
+        out(f"     {output.worker}: prompt {len(output.prompt_token_ids)} tokens, {output.num_cached_tokens} from cache{ttft}")
+    return {"per_worker": per_worker, "hit_tokens": stats["routing"]["actual_hit_tokens"], "oracle_hit_tokens": stats["routing"]["oracle_hit_tokens"]}
 
 
 class _Progress:

@@ -23,7 +23,8 @@ import html
 import math
 from collections import defaultdict
 
-_STORED_TIERS = ("device", "host", "disk")
+from rayk.cache.events import STORED_TIERS
+
 # Occupancy series: (key in a step's "occupancy", legend label, colour, dashed).
 _OCCUPANCY_SERIES = (
     ("device", "device cached", "#1f77b4", False),
@@ -78,11 +79,11 @@ def summary_table(profiles: dict[str, dict]) -> str:
         memory, recording = profile["memory_profile"], profile.get("recording")
         moves = _moves_by_tier(recording)
         evicted = _evicted_by_tier(recording)
-        for tier in _STORED_TIERS:
+        for tier in STORED_TIERS:
             if tier in memory:
                 rows.append(_row(name, tier, _tier_cells(memory[tier], tier, recording, moves, evicted)))
         prefix = memory["prefix_cache"]
-        remote_hits = prefix["hit_tokens"] - sum(memory[t]["hit_tokens"] for t in _STORED_TIERS if t in memory)
+        remote_hits = prefix["hit_tokens"] - sum(memory[t]["hit_tokens"] for t in STORED_TIERS if t in memory)
         if remote_hits or "remote" in moves:
             cells = ["—"] * 5 + [_int(remote_hits), _percent(remote_hits / prefix["query_tokens"] if prefix["query_tokens"] else 0.0)]
             cells += ["—"] * 4 + _move_cells("remote", recording, moves)

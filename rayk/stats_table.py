@@ -7,6 +7,8 @@ hits against the oracle. Pure functions of the stats dict: nothing here talks to
 
 from __future__ import annotations
 
+from rayk.profile_report import format_bytes
+
 COLUMNS = ("worker", "tier", "blocks", "used", "cached", "free", "bytes", "hit tokens", "evictions")
 
 
@@ -49,32 +51,23 @@ def render_stats(stats: dict) -> str:
             (worker_id, w["requests"]["finished"], w["scheduler"]["waiting"], w["scheduler"]["running"], prefix["query_tokens"], prefix["hit_tokens"], f"{prefix['hit_rate']:.1%}")
         )
     parts.append(format_table(("worker", "requests", "waiting", "running", "prompt tokens", "hit tokens", "hit rate"), request_rows))
-    routing = stats["routing"]
-    oracle = routing.get("oracle_hit_tokens", 0)
-    actual = routing.get("actual_hit_tokens", 0)
-    share = f" ({actual / oracle:.1%})" if oracle else ""
-    parts.append(f"routing: {actual} hit tokens of the {oracle} the cluster held{share}")
+    parts.append(routing_line(stats["routing"]))
     for worker_id, error in sorted(stats.get("unavailable_workers", {}).items()):
         parts.append(f"{worker_id}: unavailable ({error})")
     return "\n\n".join(parts)
 
 
+def routing_line(routing: dict) -> str:
+    """The router's hits against the oracle (every cached token some worker held when routed)."""
+    actual, oracle = routing["actual_hit_tokens"], routing["oracle_hit_tokens"]
+    share = f" ({actual / oracle:.0%} of the oracle)" if oracle else ""
+    return f"routing: {actual} hit tokens of the {oracle} the cluster held{share}"
+
+
 def _cell(column: str, value) -> str:
     if column == "bytes" and _is_number(value):
-        return human_bytes(value)
+        return format_bytes(value)
     return str(value)
-
-
-def human_bytes(num_bytes: int) -> str:
-    """1536 -> '1.5 KiB'; below 1 KiB, plain bytes."""
-    if num_bytes < 1024:
-        return f"{num_bytes} B"
-    value = num_bytes / 1024
-    for unit in ("KiB", "MiB", "GiB"):
-        if value < 1024:
-            return f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
 
 
 def _is_number(value) -> bool:

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from rayk.stats_table import format_table, human_bytes
+from rayk.stats_table import format_table
 from tests.conftest import BLOCK_SIZE, local_ray_nodes
 
 NAMESPACE = "rayk-cli-test"
@@ -85,11 +85,12 @@ def test_generate_reads_a_jsonl_file_of_prompts_and_conversations(deployment, tm
 
 def test_stats_json_and_table(deployment):
     target, _ = deployment
+    assert rayk_command("generate", *target, "--prompt", "rayk caches blocks.", "--max-tokens", "2").returncode == 0
     as_json = rayk_command("stats", *target, "--json")
     assert as_json.returncode == 0, as_json.stderr
     stats = json.loads(as_json.stdout)
     assert sorted(stats["workers"]) == ["worker-0", "worker-1"]
-    assert stats["cluster"]["requests"]["finished"] >= 3
+    assert stats["cluster"]["requests"]["finished"] >= 1
     table = rayk_command("stats", *target)
     assert table.returncode == 0, table.stderr
     rows = [line.split() for line in table.stdout.splitlines()]
@@ -105,6 +106,14 @@ def test_stats_watch_redraws_in_place_and_stops_after_count(deployment):
     assert result.stdout.count("\x1b[H\x1b[2J") == 2
 
 
+def test_a_driver_attaches_with_no_address_through_ray_address(address, deployment):
+    script = "import rayk; print(sorted(rayk.connect(namespace='rayk-cli-test').workers()))"
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_ADDRESS=address)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['worker-0', 'worker-1']"
+
+
 def test_profile_writes_one_report_for_every_worker(deployment, tmp_path):
     target, _ = deployment
     out = tmp_path / "report.html"
@@ -112,7 +121,8 @@ def test_profile_writes_one_report_for_every_worker(deployment, tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"wrote the memory report of 2 workers to {out}" in result.stdout
     page = out.read_text()
-    assert page.startswith("<!doctype html>") and "worker-0" in page and "worker-1" in page
+    assert page.startswith("<!doctype html>")
+    assert "<h2>worker-0</h2>" in page and "<h2>worker-1</h2>" in page and "Not recorded" not in page
 
 
 @pytest.mark.parametrize(
@@ -123,6 +133,8 @@ def test_profile_writes_one_report_for_every_worker(deployment, tmp_path):
         (["generate", "--namespace", "nobody-here", "--prompt", "hi"], "no rayk deployment is running in namespace 'nobody-here'"),
         (["start", "--namespace", "rayk-cli-bad-model", "--model", "/no/such/model", "--workers", "1", "--device", "cpu"], "model '/no/such/model' does not exist"),
         (["stats", "--interval", "0", "--namespace", NAMESPACE], "--interval must be > 0 seconds"),
+        (["stats", "--count", "2", "--namespace", NAMESPACE], "--count must be >= 1 and goes with --watch"),
+        (["stats", "--json", "--watch", "--namespace", NAMESPACE], "--json prints the stats once"),
     ],
 )
 def test_errors_against_a_running_cluster_are_one_line(address, args, match):
@@ -190,5 +202,4 @@ def test_demo_runs_the_workload_on_its_own_embedded_ray(tiny_chat_dir):
 def test_tables_align_numbers_and_humanize_bytes():
     table = format_table(("worker", "bytes", "hits"), [("worker-0", 1536, 7), ("worker-10", 3 << 30, "-")]).splitlines()
     assert table[1] == "worker-0   1.5 KiB     7"
-    assert table[2] == "worker-10  3.0 GiB     -"
-    assert human_bytes(1023) == "1023 B"
+    assert table[2] == "worker-10    3 GiB     -"
