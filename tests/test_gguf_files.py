@@ -172,7 +172,8 @@ def test_a_converted_copy_serves_later_loads_with_the_same_weights(tiny_checkpoi
     assert second.weights_identity == first.weights_identity
     for (name, a), (_, b) in zip(first.model.state_dict().items(), second.model.state_dict().items()):
         assert torch.equal(a, b), name
-    [entry] = cache.iterdir()
+    [entry] = [p for p in cache.iterdir() if p.is_dir()]
+    assert sorted(p.name for p in cache.iterdir()) == [entry.name, f"{entry.name}.lock"]  # no staging left
     (entry / "meta.json").write_text("{not json")
     rebuilt = load_model(gguf_file, torch.float32, cpu, cache)
     rebuilt.cache_write.join()

@@ -14,7 +14,9 @@ rebuilt), never trusted.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -28,6 +30,8 @@ from tokenizers import Tokenizer
 
 from rayk.model.architecture import DecoderArchitecture
 from rayk.model.tokenizer import TextTokenizer
+
+logger = logging.getLogger(__name__)
 
 _FORMAT = 1
 # Entries being written by this process, so that loading one model twice writes it once.
@@ -77,24 +81,48 @@ def store_cached_in_background(entry: Path, arch: DecoderArchitecture, fused: di
 def store_cached(entry: Path, arch: DecoderArchitecture, fused: dict[str, torch.Tensor], tokenizer: TextTokenizer | None, identity: str) -> None:
     """Writes an entry atomically; a failure (disk full, read-only home) only costs the cache.
 
+    Workers on one machine start together, so an entry has one writer at a time across
+    processes: the one holding ``<entry>.lock``; the others skip the write. The holder first
+    removes staging directories that writers killed mid-write left behind.
+
     ``fused`` must be float32 (dequantized as is): a copy rounded to 16 bits would serve later
     float32 loads rounded weights.
     """
     staging = None
     try:
-        shutil.rmtree(entry, ignore_errors=True)  # an unreadable entry, or none
         entry.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=entry.name + ".", dir=entry.parent))
-        architecture = {k: v for k, v in dataclasses.asdict(arch).items() if k != "torch_dtype"}
-        special = None
-        if tokenizer is not None:
-            tokenizer.backend.save(str(staging / "tokenizer.json"))
-            special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "chat_template": tokenizer.chat_template}
-        assert all(t.dtype == torch.float32 for t in fused.values()), "the cache keeps float32 weights only"
-        save_file({n: t.contiguous() for n, t in fused.items()}, str(staging / "model.safetensors"))
-        meta = {"format": _FORMAT, "architecture": architecture, "tokenizer": special, "identity": identity}
-        (staging / "meta.json").write_text(json.dumps(meta))
-        os.replace(staging, entry)
-    except OSError:
+        with open(entry.parent / f"{entry.name}.lock", "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return  # another process is writing this entry
+            if _is_complete(entry):
+                return  # written by another process since this one looked
+            for stale in entry.parent.glob(f"{entry.name}.*"):
+                if stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
+            shutil.rmtree(entry, ignore_errors=True)  # an unreadable entry, or none
+            staging = Path(tempfile.mkdtemp(prefix=entry.name + ".", dir=entry.parent))
+            architecture = {k: v for k, v in dataclasses.asdict(arch).items() if k != "torch_dtype"}
+            special = None
+            if tokenizer is not None:
+                tokenizer.backend.save(str(staging / "tokenizer.json"))
+                special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "chat_template": tokenizer.chat_template}
+            assert all(t.dtype == torch.float32 for t in fused.values()), "the cache keeps float32 weights only"
+            save_file({n: t.contiguous() for n, t in fused.items()}, str(staging / "model.safetensors"))
+            meta = {"format": _FORMAT, "architecture": architecture, "tokenizer": special, "identity": identity}
+            (staging / "meta.json").write_text(json.dumps(meta))
+            os.replace(staging, entry)
+            staging = None
+    except Exception as error:  # safetensors and tokenizers report I/O failures as their own errors
+        logger.warning("could not write the converted model to %s (%s); the next load converts it again", entry, error)
+    finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _is_complete(entry: Path) -> bool:
+    try:
+        return json.loads((entry / "meta.json").read_text()).get("format") == _FORMAT
+    except (OSError, ValueError):
+        return False
