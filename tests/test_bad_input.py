@@ -210,6 +210,9 @@ def test_a_failing_event_subscriber_loses_no_output(tiny_llama_dir, good_referen
 @pytest.mark.parametrize("field, value, error, match", [
     ("dtype", "float64", ValueError, "unsupported dtype 'float64' in config.json"),
     ("hidden_act", "gelu", ValueError, "unsupported hidden_act 'gelu'"),
+    # The rotary tables hold every position: a hostile count must not allocate gigabytes.
+    ("max_position_embeddings", 1 << 31, ValueError, r"max_position_embeddings is 2147483648; rayk serves 1 to 2097152"),
+    ("max_position_embeddings", 0, ValueError, r"max_position_embeddings is 0; rayk serves 1 to 2097152"),
 ])
 def test_unsupported_config_values_are_named(tiny_llama_dir, tmp_path, field, value, error, match):
     with pytest.raises(error, match=match):

@@ -12,6 +12,9 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen3ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MAX_POSITION_EMBEDDINGS = 1 << 21
+"""The most positions a model may declare: its rotary tables (cos and sin for every position)
+are built at load, 1 GiB at this bound with 64-dim heads."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,8 @@ class DecoderArchitecture:
             )
         except KeyError as missing:
             raise ValueError(f"config.json lacks the field {missing.args[0]!r}") from None
+        if not 1 <= arch.max_position_embeddings <= MAX_POSITION_EMBEDDINGS:
+            raise ValueError(f"max_position_embeddings is {arch.max_position_embeddings}; rayk serves 1 to {MAX_POSITION_EMBEDDINGS}")
         if arch.num_heads % arch.num_kv_heads:
             raise ValueError(f"num_attention_heads ({arch.num_heads}) must be a multiple of num_key_value_heads ({arch.num_kv_heads})")
         rope_type = arch.rope_scaling.get("rope_type", "default")

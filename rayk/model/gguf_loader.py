@@ -55,11 +55,6 @@ def find_gguf(path: Path) -> Path | None:
     return None
 
 
-def open_gguf(path: Path) -> GGUFFile:
-    """The parsed file; a ValueError naming the file and the fault if it is not a sound GGUF."""
-    return GGUFFile(path)
-
-
 def gguf_architecture(reader: GGUFFile, path: Path) -> DecoderArchitecture:
     """The architecture from GGUF metadata, as a config.json would give it."""
     def field(name: str, default=None):

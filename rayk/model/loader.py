@@ -24,7 +24,15 @@ from rayk.model.architecture import DecoderArchitecture
 from rayk.model.decoder import CausalLM
 from rayk.model.file_identity import add_file_samples
 from rayk.model.gguf_cache import cache_entry, load_cached, store_cached_in_background
-from rayk.model.gguf_loader import chat_template, find_gguf, gguf_architecture, gguf_identity, gguf_tokenizer, gguf_weights, open_gguf
+from rayk.model.gguf_file import GGUFFile
+from rayk.model.gguf_loader import (
+    chat_template,
+    find_gguf,
+    gguf_architecture,
+    gguf_identity,
+    gguf_tokenizer,
+    gguf_weights,
+)
 from rayk.model.load_progress import LoadProgress
 from rayk.model.tokenizer import TextTokenizer
 
@@ -111,7 +119,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, cache_dir: 
         progress.stage("building the model")
         return LoadedModel(_build(arch, fused, device), arch, tokenizer, identity, from_cache=True)
     progress.stage("reading the GGUF file")
-    reader = open_gguf(path)
+    reader = GGUFFile(path)  # a ValueError naming the file and the fault if it is not a sound GGUF
     arch = gguf_architecture(reader, path)
     progress.stage("dequantizing weights")
     fused = gguf_weights(reader, arch, expected_tensor_shapes(arch), fused_layout(arch), dtype, path)
