@@ -27,6 +27,9 @@ def _ray_requirement() -> str:
     return pins[0]
 
 
+CPU_WHEEL_INDEX = "https://download.pytorch.org/whl/cpu"
+
+
 def _cpu_torch_requirement() -> str:
     """The torch a machine without a GPU installs: the one the README's test command (.ci/run) names."""
     (pin,) = re.findall(r"torch==[\w.+]+", (REPO / ".ci" / "run").read_text().splitlines()[-1])
@@ -94,7 +97,9 @@ def test_every_node_installs_the_pinned_ray_and_this_checkout(path):
             assert '"$HOME/rayk[gpu]"' in rayk, f"{path.name} {name}: a GPU node needs the gpu extra"
         else:
             assert '"$HOME/rayk"' in rayk, f"{path.name} {name}: a CPU node needs no gpu extra"
-            assert any(_cpu_torch_requirement() in c for c in node["setup"]), f"{path.name} {name}: not the CPU torch"
+            # From PyTorch's CPU index, as the README says: PyPI's torch is the CUDA build.
+            cpu_torch = f"pip install {_cpu_torch_requirement()} --index-url {CPU_WHEEL_INDEX}"
+            assert cpu_torch in node["setup"], f"{path.name} {name}: not the CPU torch from PyTorch's CPU index"
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if p.name != "local.yaml"], ids=lambda p: p.name)
