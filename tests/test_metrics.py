@@ -17,7 +17,7 @@ import pytest
 
 import rayk
 from rayk.cluster.coordinator import CoordinatorState
-from rayk.cluster.metrics import METRICS, CoordinatorMetrics, WorkerMetrics
+from rayk.cluster.metrics import METRICS, CoordinatorMetrics, PeriodicExport, Update, WorkerMetrics
 from rayk.cluster.routing import FetchPlan, WorkerLoad
 from rayk.cluster.transfer import PeerPuller
 from tests.conftest import BLOCK_SIZE, random_prompts
@@ -25,6 +25,27 @@ from tests.conftest import BLOCK_SIZE, random_prompts
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 GREEDY = rayk.SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
 EXPORTED = {spec.exported_name: spec for spec in METRICS.values()}
+
+
+def test_updates_a_failed_export_took_go_with_the_next_one():
+    class FlakySink:
+        def __init__(self):
+            self.calls, self.applied = 0, []
+
+        def apply(self, updates):
+            self.calls += 1
+            if self.calls == 1:
+                raise ConnectionError("metrics agent restarting")
+            self.applied.extend(updates)
+
+    sink, batches = FlakySink(), iter(range(1, 1000))
+    export = PeriodicExport(lambda: [Update("rayk_requests_total", next(batches), {})], sink, interval_s=0.01)
+    deadline = time.monotonic() + 30
+    while sink.calls < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    export.close()
+    values = [u.value for u in sink.applied]
+    assert values[:3] == [1, 2, 3]  # the first batch failed, then came with the second
 
 
 def _totals(updates, name: str, by: str | None = None):

@@ -319,7 +319,8 @@ class RayMetricsSink:
 
 class PeriodicExport:
     """Every ``interval_s``, on its own thread, applies ``collect()``'s updates to ``sink``. A
-    failed collection is logged once and tried again next time."""
+    failure is logged once and tried again next time; updates collected but not applied (their
+    counter increments are already taken from the totals) go with the next attempt."""
 
     def __init__(self, collect: Callable[[], list[Update]], sink: RayMetricsSink, interval_s: float = EXPORT_INTERVAL_S):
         self.collect = collect
@@ -335,9 +336,12 @@ class PeriodicExport:
 
     def _run(self) -> None:
         warned = False
+        pending: list[Update] = []
         while not self._stop.wait(self.interval_s):
             try:
-                self.sink.apply(self.collect())
+                pending.extend(self.collect())
+                self.sink.apply(pending)
+                pending = []
             except Exception:
                 if not warned:
                     logger.warning("collecting metrics failed; trying again every %s s", self.interval_s, exc_info=True)
