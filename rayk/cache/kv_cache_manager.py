@@ -25,7 +25,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from rayk.cache.tier_chain import TIERS, Source, TierChain
+from rayk.cache.events import TIERS
+from rayk.cache.tier_chain import Source, TierChain
 from rayk.hashing import TOKEN_BYTES, BlockHash, BlockHasher, token_bytes
 
 

@@ -20,7 +20,7 @@ from rayk.cache.block_pool import BlockPool
 from rayk.cache.disk_tier import DiskTier
 from rayk.cache.kv_cache_manager import KVCacheManager
 from rayk.cache.policies import EvictionPolicy, copy_policy, make_policy
-from rayk.cache.tier_chain import STORED_TIERS as TIER_NAMES
+from rayk.cache.events import STORED_TIERS as TIER_NAMES
 from rayk.hashing import BlockHash
 
 

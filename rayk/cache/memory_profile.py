@@ -14,7 +14,7 @@ from collections import Counter
 
 from rayk.cache.block_pool import BlockPool
 from rayk.cache.kv_cache_manager import KVCacheManager
-from rayk.cache.tier_chain import TIERS
+from rayk.cache.events import TIERS
 
 _BLOCK_TABLE_ENTRY_BYTES = 4  # int32, as block tables reach the attention kernels
 

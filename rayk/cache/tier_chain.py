@@ -33,7 +33,7 @@ import torch
 from rayk.cache import block_codec
 from rayk.cache.block_pool import BlockPool, BlockRecord
 from rayk.cache.disk_tier import DiskTier
-from rayk.cache.events import STORED_TIERS, TIERS, KVEvent
+from rayk.cache.events import STORED_TIERS, KVEvent
 from rayk.cache.host_tier import HostTier
 from rayk.cache.paged_kv import PagedKVCache
 from rayk.hashing import BlockHash
