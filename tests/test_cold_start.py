@@ -132,6 +132,14 @@ class _Terminal(io.StringIO):
         return True
 
 
+def _wait_for(stream: io.StringIO, text: str, timeout_s: float = 30.0) -> None:
+    """Until the progress thread has written ``text`` (it runs on its own schedule)."""
+    deadline = time.monotonic() + timeout_s
+    while text not in stream.getvalue():
+        assert time.monotonic() < deadline, f"no {text!r} within {timeout_s} s: {stream.getvalue()!r}"
+        time.sleep(0.01)
+
+
 def test_a_quick_load_prints_nothing():
     stream = io.StringIO()
     with LoadProgress("model.gguf", stream=stream, delay_s=0.5) as progress:
@@ -143,9 +151,9 @@ def test_a_slow_load_prints_each_stage_then_ready_on_a_log():
     stream = io.StringIO()
     with LoadProgress("model.gguf", stream=stream, delay_s=0.05, interval_s=0.01) as progress:
         progress.stage("reading the GGUF file")
-        time.sleep(0.2)
+        _wait_for(stream, "reading the GGUF file")
         progress.stage("dequantizing weights")
-        time.sleep(0.1)
+        _wait_for(stream, "dequantizing weights")
     lines = stream.getvalue().splitlines()
     assert "\r" not in stream.getvalue()
     assert lines[0].startswith("rayk: loading model.gguf: reading the GGUF file (")
@@ -157,7 +165,9 @@ def test_a_slow_load_rewrites_one_line_on_a_terminal_and_says_when_it_failed():
     stream = _Terminal()
     with pytest.raises(RuntimeError), LoadProgress("model.gguf", stream=stream, delay_s=0.05, interval_s=0.02) as progress:
         progress.stage("dequantizing weights")
-        time.sleep(0.3)
+        deadline = time.monotonic() + 30
+        while stream.getvalue().count("dequantizing weights") < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the thread has rewritten the line a few times
         raise RuntimeError("disk gone")
     text = stream.getvalue()
     assert text.count("\n") == 1 and text.endswith("\n")  # one line, ended once
