@@ -10,6 +10,7 @@ for importing torch or Ray.
 import importlib
 
 from rayk.outputs import ClusterRequestOutput, CompletionDelta, RequestOutput
+from rayk.overload import Overloaded
 from rayk.sampling_params import SamplingParams
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "Cluster",
     "ClusterRequestOutput",
     "CompletionDelta",
+    "Overloaded",
     "RequestOutput",
     "SamplingParams",
     "connect",

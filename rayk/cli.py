@@ -101,6 +101,7 @@ def _build_parser() -> argparse.ArgumentParser:
     start.add_argument("--disk-dir", default=None, help="directory for the disk tier (each worker uses DIR/worker-N)")
     start.add_argument("--disk-bytes", type=int, default=None, help="bytes of disk per worker (default 8 GiB)")
     start.add_argument("--eviction-policy", default=None, help="lru, lfu, adaptive, cost_aware or cluster_aware (default)")
+    start.add_argument("--max-queued-requests", type=int, default=None, help="requests in flight across the deployment before new ones get Overloaded (default: no bound)")
     start.set_defaults(run=_start)
 
     stop = commands.add_parser("stop", help="stop the deployment", description=_doc("stop"))
@@ -196,6 +197,7 @@ def _start(args) -> int:
         pull=args.pull,
         namespace=args.namespace,
         device=args.device,
+        max_queued_requests=args.max_queued_requests,
         block_size=args.block_size,
         num_device_blocks=args.num_device_blocks,
         **options,

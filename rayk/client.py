@@ -29,14 +29,16 @@ import ray
 from rayk.cluster.coordinator import COORDINATOR_NAME, MIN_LIVENESS_TIMEOUT_S, Coordinator
 from rayk.cluster.reporting import HEARTBEAT_S
 from rayk.cluster.routing import RouteDecision, Router, check_pull
+from rayk.cluster.tenancy import check_secret_env, find_tenant_salts, request_salt, start_tenant_salts
 from rayk.cluster.worker import WORKER_NAME_PREFIX, CacheWorker, worker_actor_name
 from rayk.cache.memory_controller import check_num_bytes
 from rayk.config import EngineConfig
 from rayk.engine.llm_engine import prompt_token_ids, request_token_ids
-from rayk.hashing import BlockHash, BlockHasher
+from rayk.hashing import BlockHash, BlockHasher, check_cache_salt
 from rayk.llm import as_prompt_batch, render_conversations, sampling_params_for, target_keys
 from rayk.model.loader import DEFAULT_MODEL
 from rayk.outputs import ClusterRequestOutput, CompletionDelta, RequestOutput
+from rayk.overload import check_max_queued_requests
 from rayk.profile_report import render_report
 from rayk.sampling_params import SamplingParams
 
@@ -73,7 +75,13 @@ class Cluster:
     ``host_bytes``, ``disk_dir`` — each worker gets its own subdirectory —, …); ``eviction_policy`` defaults to
     ``cluster_aware`` here: a block another worker also holds is evicted before a last copy.
     ``pull`` ("auto", "always", "never") says whether routes may come with fetch plans;
-    ``pull_timeout_s`` bounds one pull (after it the request computes those tokens). Leaving the
+    ``pull_timeout_s`` bounds one pull (after it the request computes those tokens).
+    ``tenant_secret_env`` names an environment variable holding a cluster secret on every node:
+    then requests carry ``tenant="..."`` and the deployment derives each tenant's cache salt from
+    it (HMAC-SHA256, ``rayk.cluster.tenancy``); a caller's ``cache_salt`` is refused there.
+    ``max_queued_requests`` bounds the requests in flight (routed and not finished) across the
+    whole deployment, from every driver: past it ``generate``, ``submit``, ``chat`` and ``stream``
+    raise ``rayk.Overloaded`` and queue nothing (None: no bound). Leaving the
     ``with`` block shuts down what it started.
     """
 
@@ -89,11 +97,16 @@ class Cluster:
         device: str = "auto",
         liveness_timeout_s: float = 3.0,
         pull_timeout_s: float = 10.0,
+        tenant_secret_env: str | None = None,
+        max_queued_requests: int | None = None,
         **options,
     ):
         if routing not in Router.POLICIES:
             raise ValueError(f"routing must be one of {Router.POLICIES}, got {routing!r}")
         check_pull(pull)
+        if tenant_secret_env is not None:
+            check_secret_env(tenant_secret_env)
+        check_max_queued_requests(max_queued_requests)
         if isinstance(pull_timeout_s, bool) or not isinstance(pull_timeout_s, (int, float)) or not pull_timeout_s > 0:
             raise ValueError(f"pull_timeout_s must be a number of seconds > 0, got {pull_timeout_s!r}")
         if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1):
@@ -117,8 +130,10 @@ class Cluster:
         try:
             coordinator = Coordinator.options(
                 name=COORDINATOR_NAME, namespace=namespace, lifetime="detached", max_restarts=-1, num_cpus=0
-            ).remote(config.cache.block_size, routing, float(liveness_timeout_s), pull)
+            ).remote(config.cache.block_size, routing, float(liveness_timeout_s), pull, max_queued_requests)
             created = True  # from here on the namespace's actors are this call's own
+            if tenant_secret_env is not None:
+                start_tenant_salts(namespace, tenant_secret_env)  # a missing secret fails here, before models load
             workers = self._start_workers(config, num_workers, device, float(pull_timeout_s))
             ray.get(coordinator.config.remote())  # its start overlapped the workers'
             started = _wait_until_loaded(workers)
@@ -199,6 +214,7 @@ class Cluster:
         self.tokenizer = info["tokenizer"]
         self.vocab_size = info["vocab_size"]
         self.max_model_len = info["max_model_len"]
+        self._tenant_salts = find_tenant_salts(self.namespace)
         self._closed = False
 
     def _wait_for_workers(self, expected: Sequence[str], timeout_s: float = 30.0) -> list[str]:
@@ -233,13 +249,21 @@ class Cluster:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         cache_salt: str | None = None,
+        tenant: str | None = None,
         worker: str | None = None,
         routing: str | None = None,
         pull: str | None = None,
     ) -> list[ClusterRequestOutput]:
         """Generates for every prompt across the cluster; outputs in prompt order. Every prompt
-        is checked before any is sent: one bad prompt raises and none runs."""
-        requests = self._prepare(prompts, sampling_params, cache_salt, worker, routing, pull)
+        is checked before any is sent: one bad prompt raises and none runs.
+
+        ``cache_salt`` (str or bytes, at most ``rayk.hashing.MAX_CACHE_SALT_BYTES`` = 256 bytes, a
+        str counted in UTF-8; else a TypeError or ValueError) isolates tenants: the same salt
+        hits on any worker, another salt never shares, and routing predicts hits from the salted
+        keys only. On a ``tenant_secret_env`` deployment pass ``tenant`` instead (the salt is
+        derived there; a ``cache_salt`` is refused). ``submit``, ``stream``, ``chat``, ``warm``
+        and the memory controls take both the same way."""
+        requests = self._prepare(prompts, sampling_params, self._salt(cache_salt, tenant), worker, routing, pull)
         futures = [concurrent.futures.Future() for _ in requests]
         self._dispatch(requests, futures, _RETRIES)
         return [f.result() for f in futures]
@@ -250,12 +274,14 @@ class Cluster:
         sampling_params: SamplingParams | None = None,
         *,
         cache_salt: str | None = None,
+        tenant: str | None = None,
         worker: str | None = None,
         routing: str | None = None,
         pull: str | None = None,
     ) -> concurrent.futures.Future:
-        """Sends one prompt; returns a future of its ``ClusterRequestOutput``."""
-        requests = self._prepare([prompt], sampling_params, cache_salt, worker, routing, pull)
+        """Sends one prompt; returns a future of its ``ClusterRequestOutput``. Cancelling the
+        future aborts the request on its worker."""
+        requests = self._prepare([prompt], sampling_params, self._salt(cache_salt, tenant), worker, routing, pull)
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._dispatch(requests, [future], _RETRIES)
         return future
@@ -266,6 +292,7 @@ class Cluster:
         sampling_params: SamplingParams | None = None,
         *,
         cache_salt: str | None = None,
+        tenant: str | None = None,
         worker: str | None = None,
         routing: str | None = None,
         pull: str | None = None,
@@ -274,7 +301,7 @@ class Cluster:
         Unlike ``generate``, a stream is not sent again when its worker dies (part of it has been
         yielded already): the error reaches the caller. A caller that stops reading early cancels
         the request on the worker."""
-        [request] = self._prepare([prompt], sampling_params, cache_salt, worker, routing, pull)
+        [request] = self._prepare([prompt], sampling_params, self._salt(cache_salt, tenant), worker, routing, pull)
         [decision] = self._route([request])
         if isinstance(decision, Exception):
             raise decision
@@ -289,10 +316,7 @@ class Cluster:
                 yield delta
         finally:
             if hit is None and generator is not None:
-                try:
-                    ray.cancel(generator)  # the worker aborts the request
-                except ray.exceptions.RayError:
-                    pass  # it ended meanwhile
+                _cancel_quietly(generator)  # the worker aborts the request
             self._coordinator.complete.remote([(request.request_id, hit)])
 
     def chat(
@@ -302,6 +326,7 @@ class Cluster:
         *,
         add_generation_prompt: bool = True,
         cache_salt: str | None = None,
+        tenant: str | None = None,
         worker: str | None = None,
         routing: str | None = None,
         pull: str | None = None,
@@ -310,7 +335,7 @@ class Cluster:
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer, so no chat template; pass token ids to generate()")
         prompts = render_conversations(self.tokenizer, messages, add_generation_prompt)
-        return self.generate(prompts, sampling_params, cache_salt=cache_salt, worker=worker, routing=routing, pull=pull)
+        return self.generate(prompts, sampling_params, cache_salt=cache_salt, tenant=tenant, worker=worker, routing=routing, pull=pull)
 
     def _prepare(self, prompts, sampling_params, cache_salt, worker, routing, pull=None) -> list[_Request]:
         self._check_open()
@@ -362,11 +387,17 @@ class Cluster:
             ref.future().add_done_callback(
                 lambda done, request=request, future=future, decision=decision: self._finish(done, request, future, decision, retries)
             )
+            # A caller that cancels its future cancels the request on its worker (which aborts it).
+            future.add_done_callback(lambda f, ref=ref: _cancel_quietly(ref) if f.cancelled() else None)
 
     def _finish(self, done: concurrent.futures.Future, request: _Request, future: concurrent.futures.Future, decision: RouteDecision, retries: int) -> None:
+        if future.cancelled():  # by the caller: nothing to deliver, nothing to retry
+            self._coordinator.complete.remote([(request.request_id, None)])
+            return
         try:
             output: RequestOutput = done.result()
-        except ray.exceptions.ActorDiedError as error:
+        except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as error:
+            # Unavailable: its process died and Ray restarts it (a new, empty incarnation).
             self._coordinator.complete.remote([(request.request_id, None)])
             self._coordinator.remove_worker.remote(decision.worker_id)
             failure = RuntimeError(f"worker {decision.worker_id} died serving the request: {error}")
@@ -431,7 +462,7 @@ class Cluster:
 
     # -- manual memory control: one worker (worker=) or every worker --------------------------
 
-    def warm(self, prompts, *, workers: int | Sequence[str] | None = None, cache_salt: str | None = None) -> list[ClusterRequestOutput]:
+    def warm(self, prompts, *, workers: int | Sequence[str] | None = None, cache_salt: str | None = None, tenant: str | None = None) -> list[ClusterRequestOutput]:
         """Puts the prompts' KV on ``workers`` ahead of traffic: every worker (None), that many
         (an int), or the workers named (a list). For each prompt one worker computes it, or
         already holds it; the others pull it from there rather than compute it again.
@@ -454,33 +485,33 @@ class Cluster:
         outputs = []
         for prompt in as_prompt_batch(prompts):
             first_worker = named[0] if named else None
-            [first] = self.generate(prompt, params, cache_salt=cache_salt, worker=first_worker, pull="always" if named else None)
+            [first] = self.generate(prompt, params, cache_salt=cache_salt, tenant=tenant, worker=first_worker, pull="always" if named else None)
             outputs.append(first)
             others = [w for w in (named or live) if w != first.worker][: count - 1]
             if others:
                 self._control("flush_events", first.worker)  # the directory shows what it now holds
-                futures = [self.submit(prompt, params, cache_salt=cache_salt, worker=w, pull="always") for w in others]
+                futures = [self.submit(prompt, params, cache_salt=cache_salt, tenant=tenant, worker=w, pull="always") for w in others]
                 outputs.extend(f.result() for f in futures)
         return outputs
 
-    def locate(self, target, *, cache_salt: str | None = None, worker: str | None = None):
+    def locate(self, target, *, cache_salt: str | None = None, tenant: str | None = None, worker: str | None = None):
         """How many of the target's blocks each tier of ``worker`` (or of every worker) holds."""
-        return self._control("locate", worker, self._keys(target, cache_salt))
+        return self._control("locate", worker, self._keys(target, cache_salt, tenant))
 
-    def evict(self, target, *, cache_salt: str | None = None, worker: str | None = None):
-        return self._control("evict", worker, self._keys(target, cache_salt))
+    def evict(self, target, *, cache_salt: str | None = None, tenant: str | None = None, worker: str | None = None):
+        return self._control("evict", worker, self._keys(target, cache_salt, tenant))
 
-    def pin(self, target, *, cache_salt: str | None = None, worker: str | None = None):
-        return self._control("pin", worker, self._keys(target, cache_salt))
+    def pin(self, target, *, cache_salt: str | None = None, tenant: str | None = None, worker: str | None = None):
+        return self._control("pin", worker, self._keys(target, cache_salt, tenant))
 
-    def unpin(self, target, *, cache_salt: str | None = None, worker: str | None = None):
-        return self._control("unpin", worker, self._keys(target, cache_salt))
+    def unpin(self, target, *, cache_salt: str | None = None, tenant: str | None = None, worker: str | None = None):
+        return self._control("unpin", worker, self._keys(target, cache_salt, tenant))
 
-    def offload(self, target, tier: str = "host", *, cache_salt: str | None = None, worker: str | None = None):
-        return self._control("offload", worker, self._keys(target, cache_salt), tier)
+    def offload(self, target, tier: str = "host", *, cache_salt: str | None = None, tenant: str | None = None, worker: str | None = None):
+        return self._control("offload", worker, self._keys(target, cache_salt, tenant), tier)
 
-    def prefetch(self, target, tier: str = "device", *, cache_salt: str | None = None, worker: str | None = None):
-        return self._control("prefetch", worker, self._keys(target, cache_salt), tier)
+    def prefetch(self, target, tier: str = "device", *, cache_salt: str | None = None, tenant: str | None = None, worker: str | None = None):
+        return self._control("prefetch", worker, self._keys(target, cache_salt, tenant), tier)
 
     def set_budget(self, tier: str, num_bytes: int, *, worker: str | None = None):
         check_num_bytes(num_bytes)  # refused here, before any worker is asked
@@ -518,12 +549,22 @@ class Cluster:
             page.write(render_report("rayk cluster KV cache profile", profiles))
         return {"path": os.fspath(path), "seconds": float(seconds), "workers": profiles}
 
-    def block_hashes(self, prompt: str | Sequence[int], *, cache_salt: str | None = None) -> list[BlockHash]:
+    def block_hashes(self, prompt: str | Sequence[int], *, cache_salt: str | None = None, tenant: str | None = None) -> list[BlockHash]:
         """The keys of a prompt's full blocks, as every worker names them."""
-        return self.hasher.hash_blocks(prompt_token_ids(prompt, self.tokenizer, self.vocab_size, "prompt", cache_salt), cache_salt)
+        return self._hash_prompt(prompt, self._salt(cache_salt, tenant))
 
-    def _keys(self, target, cache_salt) -> list[BlockHash]:
-        return target_keys(target, lambda prompt: self.block_hashes(prompt, cache_salt=cache_salt))
+    def _hash_prompt(self, prompt: str | Sequence[int], salt: str | bytes | None) -> list[BlockHash]:
+        return self.hasher.hash_blocks(prompt_token_ids(prompt, self.tokenizer, self.vocab_size, "prompt", salt), salt)
+
+    def _keys(self, target, cache_salt, tenant) -> list[BlockHash]:
+        salt = self._salt(cache_salt, tenant)
+        check_cache_salt(salt)  # refused even where the target is keys, which need no salt
+        return target_keys(target, lambda prompt: self._hash_prompt(prompt, salt))
+
+    def _salt(self, cache_salt, tenant) -> str | bytes | None:
+        """The salt a request carries: ``cache_salt`` (at most ``MAX_CACHE_SALT_BYTES``, checked
+        where it is used), or on a ``tenant_secret_env`` deployment the salt derived from ``tenant``."""
+        return request_salt(self._tenant_salts, cache_salt, tenant)
 
     def _control(self, name: str, worker: str | None, *args):
         """The control's result on ``worker``, or a dict of results per worker id."""
@@ -618,6 +659,14 @@ def _kill_deployment(namespace: str) -> None:
     coordinator = _find_actor(COORDINATOR_NAME, namespace)
     if coordinator is not None:
         ray.kill(coordinator, no_restart=True)
+
+
+def _cancel_quietly(ref) -> None:
+    """Cancels a worker call (an ObjectRef or a stream's generator) that may have ended."""
+    try:
+        ray.cancel(ref)
+    except ray.exceptions.RayError:
+        pass  # it ended meanwhile
 
 
 def _cluster_output(output: RequestOutput, worker_id: str) -> ClusterRequestOutput:

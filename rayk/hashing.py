@@ -15,17 +15,28 @@ Keys are ``bytes`` (16 for xxh3_128, 32 for sha256), never Python's ``hash()``: 
 every process, on every machine, under every PYTHONHASHSEED (tests/data/hash_vectors.json pins
 them). A key is only a lookup: the cache confirms a hit against the block's stored token ids and
 parent key before it serves it.
+
+``cache_salt`` is a str (its UTF-8 bytes count) or bytes of at most ``MAX_CACHE_SALT_BYTES``;
+anything else is refused (``check_cache_salt``) before a key is computed.
+
+Fault injection, for tests only: when ``RAYK_TEST_WEAK_KEYS=1`` is in a process's environment
+as a hasher is built, that hasher clears the lowest bit of every token id before hashing, so two
+prompts that differ only in those bits collide on every key. The collision tests set it in the
+driver and in the Ray nodes they start, to show that a colliding key is refused (its tokens are
+compared), never served. A deployment never sets it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from array import array
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import msgpack
+import numpy as np
 import xxhash
 
 HashAlgorithm = Literal["xxh3_128", "sha256"]
@@ -33,6 +44,10 @@ HASH_ALGORITHMS: tuple[str, ...] = ("xxh3_128", "sha256")
 BlockHash = bytes
 
 TOKEN_BYTES = 4
+MAX_CACHE_SALT_BYTES = 256
+"""The longest ``cache_salt`` accepted, in bytes (a str counts its UTF-8 encoding)."""
+WEAK_KEYS_ENV = "RAYK_TEST_WEAK_KEYS"
+"""Fault injection for the collision tests (see the module docstring); never set in a deployment."""
 assert array("I").itemsize == TOKEN_BYTES, "rayk needs a 4-byte unsigned int array type"
 
 
@@ -50,6 +65,22 @@ def token_ids_from_bytes(data: bytes | bytearray) -> list[int]:
     if sys.byteorder != "little":
         ids.byteswap()
     return ids.tolist()
+
+
+def check_cache_salt(cache_salt: str | bytes | None) -> bytes | None:
+    """``cache_salt`` as bytes (a str UTF-8 encoded), or None; a TypeError for any other type
+    and a ValueError for a salt over ``MAX_CACHE_SALT_BYTES``."""
+    if cache_salt is None:
+        return None
+    if isinstance(cache_salt, str):
+        encoded = cache_salt.encode("utf-8")
+    elif isinstance(cache_salt, bytes):
+        encoded = cache_salt
+    else:
+        raise TypeError(f"cache_salt must be a str, bytes or None, got {type(cache_salt).__name__}")
+    if len(encoded) > MAX_CACHE_SALT_BYTES:
+        raise ValueError(f"cache_salt is {len(encoded)} bytes; the limit is {MAX_CACHE_SALT_BYTES} bytes (a str counts its UTF-8 encoding)")
+    return encoded
 
 
 def model_fingerprint(fields: Mapping[str, object]) -> bytes:
@@ -77,6 +108,7 @@ class BlockHasher:
         self.seed = int.from_bytes(fingerprint[:8], "little")
         self.hash_size = 16 if algorithm == "xxh3_128" else 32
         self.empty_root: BlockHash = bytes(self.hash_size)
+        self.weak_keys = os.environ.get(WEAK_KEYS_ENV) == "1"
 
     def digest(self, data: bytes) -> BlockHash:
         if self.algorithm == "xxh3_128":
@@ -85,11 +117,10 @@ class BlockHasher:
 
     def root(self, cache_salt: str | bytes | None = None) -> BlockHash:
         """The parent key of a request's first block; salted requests never share keys with others."""
-        if cache_salt is None:
+        salt = check_cache_salt(cache_salt)
+        if salt is None:
             return self.empty_root
-        if isinstance(cache_salt, str):
-            cache_salt = cache_salt.encode()
-        return self.digest(b"salt:" + cache_salt)
+        return self.digest(b"salt:" + salt)
 
     def extend(self, block_hashes: list[BlockHash], data: bytes | bytearray, root: BlockHash) -> None:
         """Appends the keys of the full blocks of ``data`` (``token_bytes``) that ``block_hashes`` lacks.
@@ -102,6 +133,8 @@ class BlockHasher:
         end = len(data) // step * step
         if end <= start:
             return
+        if self.weak_keys:
+            data = _clear_low_bits(data[:end])
         parent = block_hashes[-1] if block_hashes else root
         append = block_hashes.append
         if self.algorithm == "xxh3_128":
@@ -120,3 +153,8 @@ class BlockHasher:
         block_hashes: list[BlockHash] = []
         self.extend(block_hashes, token_bytes(token_ids), self.root(cache_salt))
         return block_hashes
+
+
+def _clear_low_bits(data: bytes | bytearray) -> bytes:
+    """``data`` (little-endian uint32 token ids) with every id's lowest bit cleared: the weak-keys fault injection."""
+    return (np.frombuffer(bytes(data), dtype="<u4") & np.uint32(0xFFFFFFFE)).tobytes()

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 
 from rayk.config import EngineConfig
 from rayk.engine.llm_engine import LLMEngine
+from rayk.hashing import check_cache_salt
 from rayk.model.loader import DEFAULT_MODEL
 from rayk.model.tokenizer import TextTokenizer
 from rayk.outputs import RequestOutput
@@ -67,6 +68,11 @@ class LLM:
 
         A string, or a list of ints, is one prompt; a list of those is a batch. Every prompt is
         checked before any is queued: one bad prompt raises and none is run.
+
+        ``cache_salt`` (a str or bytes of at most ``rayk.hashing.MAX_CACHE_SALT_BYTES`` = 256
+        bytes, a str counted in UTF-8) isolates tenants: a salted request shares cached blocks
+        only with requests carrying the same salt. Another type is a TypeError, a longer salt a
+        ValueError; the memory controls below check their ``cache_salt`` the same way.
         """
         batch = as_prompt_batch(prompts)
         params = sampling_params_for(batch, sampling_params)
@@ -174,6 +180,7 @@ class LLM:
         return self.engine.memory.load_cache(path)
 
     def _keys(self, target, cache_salt) -> list[bytes]:
+        check_cache_salt(cache_salt)  # refused even where the target is keys, which need no salt
         return target_keys(target, lambda prompt: self.engine.block_hashes(prompt, cache_salt))
 
     def close(self) -> None:

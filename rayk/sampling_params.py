@@ -32,8 +32,8 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
             raise TypeError(f"temperature must be a number, got {type(self.temperature).__name__}")
-        if math.isnan(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 and finite (0 is greedy), got {self.temperature}")
         if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)):
             raise TypeError(f"top_p must be a number, got {type(self.top_p).__name__}")
         if not (0.0 < self.top_p <= 1.0):

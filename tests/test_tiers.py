@@ -4,6 +4,8 @@ damaged files."""
 
 from __future__ import annotations
 
+import time
+
 import msgpack
 import pytest
 import torch
@@ -104,10 +106,13 @@ def test_damaged_or_foreign_segments_are_rejected_counted_and_recomputed(tiny_ll
     _rewrite_header(foreign_block_size, layout={"layout": "x", "block_size": 32})
 
     second = rayk.LLM(tiny_llama_dir, block_size=BLOCK_SIZE, disk_dir=str(tmp_path / "kv"))
-    assert second.stats()["disk_tier"]["rejected"] == 3
+    disk = second.stats()["disk_tier"]
+    assert disk["rejected"] == 3 and disk["degraded"] and "deleted at start" in disk["degraded_reason"]
     outputs = second.generate(prompts, GREEDY)
     assert [o.token_ids for o in outputs] == reference
-    assert second.stats()["disk_tier"]["rejected"] == 4  # the flipped block, found when read
+    disk = second.stats()["disk_tier"]
+    assert disk["rejected"] == 4  # the flipped block, found when read
+    assert disk["degraded"] and "checksum" in disk["degraded_reason"]
     assert outputs[0].cached_tokens_by_tier["disk"] == 0
     assert not flipped.exists() and not truncated.exists() and not foreign_model.exists() and not foreign_block_size.exists()
     second.close()
@@ -176,7 +181,7 @@ def test_a_rejection_only_drops_the_file_that_failed(tmp_path):
     tier.evict([record.key])
     tier.store([record], torch.full((2, 1, 1, 4, 1, 8), 2.0))
     tier.flush()
-    tier._reject(record.key, read_while_stale)  # a reader that lost a race with evict + rewrite
+    tier._reject(record.key, read_while_stale, "stale")  # a reader that lost a race with evict + rewrite
     assert tier.num_rejected == 0 and tier.contains(record.key)
     assert torch.equal(tier.read(record.key, record.parent, record.tokens), torch.full((2, 1, 1, 4, 1, 8), 2.0))
     tier.close()
@@ -197,3 +202,161 @@ def test_the_host_tier_is_sized_in_bytes(tiny_llama_dir):
 def test_bad_host_bytes_are_named(tiny_llama_dir, options, error, match):
     with pytest.raises(error, match=match):
         rayk.LLM(tiny_llama_dir, block_size=BLOCK_SIZE, num_device_blocks=8, **options)
+
+
+# -- disk faults: each detected or bounded in time, the tier marked degraded, serving goes on ------
+
+
+def _small_disk_tier(directory, **options):
+    from rayk.cache.disk_tier import DiskTier
+    from rayk.cache.paged_kv import KVLayout
+    from rayk.cache.policies import make_policy
+
+    return DiskTier(directory, KVLayout(1, 4, 1, 8, torch.float32), bytes(32), 1 << 20, make_policy("lru"), **options)
+
+
+def _chain_records(num_blocks: int):
+    """``num_blocks`` records of one prefix chain, and their KV (block i filled with i)."""
+    from rayk.cache.block_pool import BlockRecord
+    from rayk.hashing import token_bytes
+
+    records, parent = [], bytes(16)
+    for i in range(num_blocks):
+        key = bytes([i + 1]) * 16
+        records.append(BlockRecord(i, key, parent, i, token_bytes([4 * i + j for j in range(4)])))
+        parent = key
+    blocks = torch.arange(num_blocks, dtype=torch.float32).view(1, 1, num_blocks, 1, 1, 1).expand(2, 1, num_blocks, 4, 1, 8).contiguous()
+    return records, blocks
+
+
+def test_a_block_filed_under_another_blocks_key_is_refused_and_its_segment_dropped(tmp_path):
+    records, blocks = _chain_records(2)
+    tier = _small_disk_tier(tmp_path)
+    tier.store(records, blocks)
+    tier.close()
+    [segment] = tmp_path.glob("*" + SUFFIX)
+    data = segment.read_bytes()
+    length = int.from_bytes(data[len(MAGIC) : len(MAGIC) + 4], "little")
+    entries = msgpack.unpackb(data[len(MAGIC) + 4 : len(MAGIC) + 4 + length])["blocks"]
+    entries[0][0], entries[1][0] = entries[1][0], entries[0][0]  # each key now names the other's block
+    _rewrite_header(segment, blocks=entries)
+
+    reopened = _small_disk_tier(tmp_path)
+    assert reopened.contains(records[0].key)  # the header parses: only a read can tell
+    for record in records:
+        assert reopened.read(record.key, record.parent, record.tokens) is None
+    health = reopened.health()
+    assert reopened.num_rejected == 1 and not segment.exists() and len(reopened) == 0
+    assert health["degraded"] and "another block's key" in health["degraded_reason"]
+    reopened.close()
+
+
+def _fail_writes(tier, error: OSError):
+    def write_file(temporary, buffer):
+        raise error
+
+    tier._write_file = write_file
+
+
+def test_a_full_disk_marks_the_tier_degraded_until_a_write_lands_again(tmp_path):
+    import errno
+
+    records, blocks = _chain_records(4)
+    tier = _small_disk_tier(tmp_path)
+    _fail_writes(tier, OSError(errno.ENOSPC, "No space left on device"))
+    tier.store(records[:2], blocks[:, :, :2])
+    assert tier.flush()
+    health = tier.health()
+    assert health["degraded"] and "No space left on device" in health["degraded_reason"]
+    assert health["no_space_errors"] == health["write_errors"] == 1 and len(tier) == 0
+    assert not list(tmp_path.glob(".*.tmp"))  # nothing half-written is left behind
+    del tier._write_file  # the disk has room again
+    tier.store(records[2:], blocks[:, :, 2:])
+    assert tier.flush()
+    assert tier.health()["degraded"] is False and tier.health()["degraded_reason"] is None
+    assert torch.equal(tier.read(records[3].key, records[3].parent, records[3].tokens), blocks[:, :, 3:4])
+    tier.close()
+
+
+def test_a_hung_write_is_bounded_and_what_it_lands_after_a_clear_is_not_indexed(tmp_path):
+    import threading
+
+    records, blocks = _chain_records(3)
+    tier = _small_disk_tier(tmp_path, write_timeout_s=0.3)
+    gate, entered = threading.Event(), threading.Event()
+    real_write = tier._write_file
+
+    def hung_write(temporary, buffer):
+        entered.set()
+        gate.wait()
+        real_write(temporary, buffer)
+
+    tier._write_file = hung_write
+    tier.store(records[:1], blocks[:, :, :1])
+    assert entered.wait(5)
+    start = time.monotonic()
+    assert tier.flush() is False  # gave up on the hung write
+    assert time.monotonic() - start < 0.3 + 0.5
+    health = tier.health()
+    assert health["degraded"] and "has not finished" in health["degraded_reason"] and health["hung_writes"] == 1
+    tier.store(records[1:2], blocks[:, :, 1:2])  # not queued behind it: dropped
+    assert tier.health()["dropped_blocks"] == 1
+    start = time.monotonic()
+    tier.clear()  # bounded too, though the write is still hung
+    assert time.monotonic() - start < 0.5
+    del tier._write_file
+    gate.set()  # the hung write lands, after the clear: deleted, not indexed
+    deadline = time.monotonic() + 5
+    while tier.health()["degraded"] or tier._pending:
+        assert time.monotonic() < deadline, tier.health()
+        time.sleep(0.01)
+    assert len(tier) == 0 and not list(tmp_path.glob("*" + SUFFIX))
+    tier.store(records[2:], blocks[:, :, 2:])
+    assert tier.flush() and len(tier) == 1 and tier.health()["hung_writes"] == 1
+    tier.close()
+
+
+def test_a_hung_disk_never_blocks_serving_or_shutdown(tiny_llama_dir, tmp_path, prompts):
+    import threading
+
+    reference = hf_greedy(tiny_llama_dir, prompts, MAX_NEW)
+    llm = rayk.LLM(tiny_llama_dir, block_size=BLOCK_SIZE, num_device_blocks=8, disk_dir=str(tmp_path / "kv"), max_num_seqs=1)
+    disk = llm.engine.disk
+    disk.write_timeout_s = 0.5
+    gate = threading.Event()
+    disk._write_file = lambda temporary, buffer: gate.wait()
+    try:
+        outputs = _run_one_by_one(llm, prompts)  # demotes blocks to the disk all along
+        assert [o.token_ids for o in outputs] == reference
+        done = threading.Event()
+        control = threading.Thread(target=lambda: (llm.reset_prefix_cache(), llm.evict(prompts[0]), done.set()), daemon=True)
+        control.start()  # memory controls wait for pending writes: at most write_timeout_s
+        assert done.wait(5), "a memory control blocked on the hung disk"
+        assert [o.token_ids for o in _run_one_by_one(llm, prompts)] == reference
+        stats = llm.stats()["disk_tier"]
+        assert stats["degraded"] and stats["hung_writes"] == 1 and stats["dropped_blocks"] > 0  # not queued behind it
+        closed = threading.Thread(target=llm.close, daemon=True)
+        closed.start()
+        closed.join(5)
+        assert not closed.is_alive(), "close blocked on the hung disk"
+    finally:
+        gate.set()
+
+
+def test_a_full_disk_leaves_serving_correct_and_recovers(tiny_llama_dir, tmp_path, prompts):
+    import errno
+
+    reference = hf_greedy(tiny_llama_dir, prompts, MAX_NEW)
+    llm = rayk.LLM(tiny_llama_dir, block_size=BLOCK_SIZE, num_device_blocks=8, disk_dir=str(tmp_path / "kv"), max_num_seqs=1)
+    disk = llm.engine.disk
+    _fail_writes(disk, OSError(errno.ENOSPC, "No space left on device"))
+    assert [o.token_ids for o in _run_one_by_one(llm, prompts)] == reference
+    disk.flush()
+    stats = llm.stats()["disk_tier"]
+    assert stats["degraded"] and stats["no_space_errors"] > 0 and stats["cached_blocks"] == 0
+    del disk._write_file
+    assert [o.token_ids for o in _run_one_by_one(llm, prompts[::-1])] == reference[::-1]
+    disk.flush()
+    stats = llm.stats()["disk_tier"]
+    assert not stats["degraded"] and stats["cached_blocks"] > 0
+    llm.close()

@@ -19,7 +19,17 @@ Files are written by a background thread (off the request's critical path) to a 
 created exclusively under an unpredictable name, never following a link, and renamed into place,
 so a crash never leaves a half-written segment under a segment's name. Blocks join the index
 once their segment is complete; a write that fails (disk full, directory gone) is logged,
-counted in ``num_write_errors`` and dropped, and the writer goes on.
+counted in ``num_write_errors`` (``num_no_space`` for a full disk) and dropped, and the writer
+goes on.
+
+Faults are bounded in time. A write still running after ``write_timeout_s`` (10 s by default) is
+*hung*: it is counted once in ``num_hung_writes``, ``flush`` stops waiting for it (so a memory
+control or a shutdown never blocks on the disk for longer than that), and ``store`` drops new
+blocks (counted in ``num_dropped_blocks``) instead of queueing them behind it. Whatever a hung
+write finally lands after a ``clear`` is deleted, not indexed. ``health()`` reports ``degraded``
+from the first fault — a failed or hung write, a damaged segment found at start or on a read —
+until a write succeeds again (a hung write must have ended first): the disk takes blocks again,
+and what it lost was only ever cache, recomputed on a miss.
 
 Space. ``num_bytes`` counts the segment files on disk and stays within ``max_bytes``. To make
 room the tier's eviction policy picks a victim block and its whole segment goes (blocks stored
@@ -33,6 +43,7 @@ that do not belong are counted in ``num_foreign`` and left alone.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import queue
@@ -57,6 +68,8 @@ from rayk.hashing import BlockHash
 SUFFIX = ".kvb"
 SEGMENT_BYTES = 64 << 20
 """A store() of more blocks than this holds is written as several segments."""
+WRITE_TIMEOUT_S = 10.0
+"""A segment write running longer than this is hung (see the module doc)."""
 _STALE_TEMPORARY_S = 3600.0  # a temporary file this old was left by a crash, not a live writer
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
@@ -94,8 +107,12 @@ class DiskTier:
         policy: EvictionPolicy,
         compress: bool = False,
         read_only: bool = False,
+        write_timeout_s: float = WRITE_TIMEOUT_S,
     ):
+        if isinstance(write_timeout_s, bool) or not isinstance(write_timeout_s, (int, float)) or not write_timeout_s > 0:
+            raise ValueError(f"DiskTier.write_timeout_s must be a number of seconds > 0, got {write_timeout_s!r}")
         self.directory = Path(directory)
+        self.write_timeout_s = float(write_timeout_s)
         self.read_only = read_only
         if not read_only:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -114,8 +131,21 @@ class DiskTier:
         self.num_loaded = 0
         self.num_evictions = 0
         self.num_write_errors = 0
+        self.num_no_space = 0
+        self.num_hung_writes = 0
+        self.num_dropped_blocks = 0
         self.num_segments = 0
+        self._fault: str | None = None  # the last fault since the last successful write
+        # The writer's progress: segments queued or being written, and since when (monotonic
+        # seconds) the current one is; guarded by _progress.
+        self._progress = threading.Condition()
+        self._pending = 0
+        self._write_started: float | None = None
+        self._hung_counted = False  # the current write has been counted as hung
+        self._generation = 0  # bumped by clear(): a write queued before it is not indexed
         self._rebuild_index()
+        if self.num_rejected:
+            self._fault = f"{self.num_rejected} damaged segment(s) deleted at start"
         self._queue: queue.Queue = queue.Queue()
         self._closed = read_only
         self._writer = None
@@ -154,7 +184,10 @@ class DiskTier:
         """The block's ``[2, layers, 1, ...]`` KV, or None if absent, not this block, or corrupt."""
         with self._lock:
             entry = self._index.get(key)
-        if entry is None or entry.parent != parent or entry.tokens != tokens:
+        if entry is None:
+            return None
+        if entry.parent != parent or entry.tokens != tokens:  # the header lies, or keys collided
+            self._reject(key, entry, "a segment holds a block under another block's key")
             return None
         payload = np.empty(entry.end - entry.start, dtype=np.uint8)  # read into once: no bytes object
         try:
@@ -164,7 +197,7 @@ class DiskTier:
         except OSError:
             num_read = -1
         if num_read != len(payload) or not block_codec.verified(payload, entry.checksum):
-            self._reject(key, entry)
+            self._reject(key, entry, "a block failed its checksum (flipped or cut short)")
             return None
         with self._lock:
             self.policy.on_access(BlockInfo(key, entry.depth, entry.end - entry.start))
@@ -184,12 +217,17 @@ class DiskTier:
         fresh = [i for i, record in enumerate(records) if record.key not in self._index]
         if not fresh:
             return
+        if self._hung():  # queued behind a write that may never end, they would only hold memory
+            self.num_dropped_blocks += len(fresh)
+            return
         data = blocks.cpu()
         if len(fresh) < len(records):
             data, records = data[:, :, fresh], [records[i] for i in fresh]
         per_segment = self.blocks_per_segment
         for start in range(0, len(records), per_segment):  # slices: views, no copy here
-            self._queue.put((records[start : start + per_segment], data[:, :, start : start + per_segment]))
+            with self._progress:
+                self._pending += 1
+            self._queue.put((records[start : start + per_segment], data[:, :, start : start + per_segment], self._generation))
 
     @property
     def blocks_per_segment(self) -> int:
@@ -198,9 +236,46 @@ class DiskTier:
         limit = min(SEGMENT_BYTES, self.max_bytes // 4) // block_codec.block_bytes(self.layout, self.compression)
         return max(1, min(limit, block_codec.MAX_BATCH_BLOCKS))
 
-    def flush(self) -> None:
-        """Waits until every queued segment is on disk (or dropped for lack of room)."""
-        self._queue.join()
+    def flush(self) -> bool:
+        """Waits until every queued segment is on disk (or dropped for lack of room, or failed);
+        False, at once, when a write is hung (running for ``write_timeout_s`` already): the
+        caller goes on without it."""
+        with self._progress:
+            while self._pending:
+                if self._hung():
+                    return False
+                started = self._write_started
+                # Wake when the current write would become hung, if nothing lands before.
+                wait = self.write_timeout_s if started is None else started + self.write_timeout_s - time.monotonic()
+                self._progress.wait(max(wait, 0.0) + 0.01)
+        return True
+
+    def health(self) -> dict:
+        """``degraded`` (a fault since the last successful write, or a write hung now), the
+        reason, and the fault counts."""
+        hung = self._hung()
+        reason = f"a segment write has not finished for more than {self.write_timeout_s} s" if hung else self._fault
+        return {
+            "degraded": reason is not None,
+            "degraded_reason": reason,
+            "write_errors": self.num_write_errors,
+            "no_space_errors": self.num_no_space,
+            "hung_writes": self.num_hung_writes,
+            "dropped_blocks": self.num_dropped_blocks,
+        }
+
+    def _hung(self) -> bool:
+        """Whether the write in progress has run for longer than ``write_timeout_s`` (counted
+        once per write)."""
+        started = self._write_started
+        if started is None or time.monotonic() - started <= self.write_timeout_s:
+            return False
+        with self._progress:
+            if not self._hung_counted and self._write_started == started:
+                self._hung_counted = True
+                self.num_hung_writes += 1
+                logger.error("rayk disk tier: a segment write to %s has not finished for %s s; new blocks are dropped until it does", self.directory, self.write_timeout_s)
+        return True
 
     def evict(self, keys: Sequence[BlockHash]) -> int:
         with self._lock:
@@ -214,6 +289,7 @@ class DiskTier:
         ``AllBlocksCleared``; returns how many blocks it dropped."""
         self.flush()
         with self._lock:
+            self._generation += 1
             count = len(self._index)
             for key in list(self._index):
                 self._delete(key)
@@ -236,51 +312,72 @@ class DiskTier:
                 policy.on_insert(BlockInfo(key, entry.depth, entry.end - entry.start))
 
     def close(self) -> None:
+        """Waits for the queued writes, unless one is hung: then the writer (a daemon thread) is
+        left to it, and whatever it lands later is never indexed."""
         if self._closed:
             return
         self._closed = True
-        self.flush()
-        self._queue.put(None)
-        self._writer.join()
+        if self.flush():
+            self._queue.put(None)
+            self._writer.join()
 
     def _write_loop(self) -> None:
         while True:
             item = self._queue.get()
+            if item is None:
+                return
+            with self._progress:
+                self._write_started, self._hung_counted = time.monotonic(), False
             try:
-                if item is None:
-                    return
-                self._write(*item)
-            except Exception:
+                if self._write(*item):
+                    self._fault = None  # the disk takes blocks again
+            except Exception as error:
                 self.num_write_errors += 1
+                if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+                    self.num_no_space += 1
+                self._fault = f"a segment write failed: {error!r}"
                 logger.exception("rayk disk tier: could not write a segment to %s; its blocks are dropped", self.directory)
             finally:
-                self._queue.task_done()
+                with self._progress:
+                    self._pending -= 1
+                    self._write_started = None
+                    self._progress.notify_all()
 
-    def _write(self, records: list[BlockRecord], blocks: torch.Tensor) -> None:
+    def _write(self, records: list[BlockRecord], blocks: torch.Tensor, generation: int) -> bool:
+        """Writes one segment; True when a file landed."""
         fresh = [i for i, record in enumerate(records) if record.key not in self._index]
         if not fresh:
-            return
+            return False
         if len(fresh) < len(records):
             records, blocks = [records[i] for i in fresh], blocks[:, :, fresh]
         buffer = block_codec.encode(records, blocks, self.fingerprint, self.layout, self.compression)
         if len(buffer) > self.max_bytes:
-            return
+            return False
         with self._lock:
             self._make_room(len(buffer))
         name = secrets.token_hex(12)
         path = self.directory / f"seg-{name}{SUFFIX}"
         temporary = self.directory / f".{name}.tmp"
         try:
-            descriptor = os.open(temporary, _WRITE_FLAGS, 0o600)
-            with os.fdopen(descriptor, "wb") as f:
-                f.write(buffer.data)
+            self._write_file(temporary, buffer)
             os.replace(temporary, path)
         finally:
             temporary.unlink(missing_ok=True)
         header = block_codec.read_header(buffer, self.fingerprint, self.layout)
         with self._lock:
+            if generation != self._generation:  # cleared while it was written (a hung write)
+                path.unlink(missing_ok=True)
+                return True
             self._add_segment(path, header, len(buffer))
         self.num_stored += len(records)
+        return True
+
+    @staticmethod
+    def _write_file(temporary: Path, buffer: np.ndarray) -> None:
+        """Writes the segment's bytes to a file created exclusively, never through a link."""
+        descriptor = os.open(temporary, _WRITE_FLAGS, 0o600)
+        with os.fdopen(descriptor, "wb") as f:
+            f.write(buffer.data)
 
     def _make_room(self, size: int) -> None:
         """Deletes the segments of policy-chosen blocks until ``size`` more bytes fit (caller
@@ -328,7 +425,7 @@ class DiskTier:
             if not self.read_only:
                 segment.path.unlink(missing_ok=True)
 
-    def _reject(self, key: BlockHash, entry: _Entry) -> None:
+    def _reject(self, key: BlockHash, entry: _Entry, reason: str) -> None:
         """Drops the segment of a block that failed its check, unless the block was replaced or
         evicted while it was being read (then the read just missed)."""
         with self._lock:
@@ -336,6 +433,8 @@ class DiskTier:
                 for live in list(entry.segment.live):
                     self._delete(live)
                 self.num_rejected += 1
+                self._fault = reason
+                logger.warning("rayk disk tier: %s; segment %s deleted", reason, entry.segment.path.name)
 
     def _rebuild_index(self) -> None:
         if not self.directory.is_dir():

@@ -10,7 +10,9 @@ which workers are alive. ``Coordinator`` is the Ray actor around it.
   routing table. The actor checks every ``liveness_timeout_s / 4``, so a dead worker is gone at
   most 1.25 × ``liveness_timeout_s`` after its last report.
 * After a restart the state is empty: workers are learned from their next report (within one
-  heartbeat), with their inventories. Until then requests are routed without cache knowledge
+  heartbeat), with their inventories. A request that arrives before any worker (or the one it
+  names) has reported waits for it, up to ``liveness_timeout_s`` after the start. Until the
+  inventories are in, requests are routed without cache knowledge
   (to the least loaded worker the coordinator knows), never to wrong data: a worker confirms
   every hit against the block's tokens.
 * Replicas: a worker asks about once a heartbeat which of its blocks another worker now holds
@@ -19,6 +21,8 @@ which workers are alive. ``Coordinator`` is the Ray actor around it.
   worker that missed one (or a coordinator that restarted) gets the whole set instead. The keys
   held twice are computed from the directory at most every ``REPLICAS_REFRESH_S``, O(blocks).
 * Tokens and KV bytes never pass through it: the driver sends block keys.
+* Backpressure: with ``max_queued_requests`` the router refuses a request past that many in
+  flight with ``rayk.Overloaded``; ``route_many`` returns it in the request's place.
 """
 
 from __future__ import annotations
@@ -54,11 +58,13 @@ class _Member:
 
 
 class CoordinatorState:
-    def __init__(self, block_size: int, routing: str = "prefix", liveness_timeout_s: float = 3.0, pull: str = "auto"):
+    def __init__(
+        self, block_size: int, routing: str = "prefix", liveness_timeout_s: float = 3.0, pull: str = "auto", max_queued_requests: int | None = None
+    ):
         self.block_size = block_size
         self.liveness_timeout_s = liveness_timeout_s
         self.directory = PrefixDirectory()
-        self.router = Router(self.directory, block_size, routing, pull=pull)
+        self.router = Router(self.directory, block_size, routing, pull=pull, max_queued_requests=max_queued_requests)
         self.members: dict[str, _Member] = {}
         # worker -> (the generation of the last answer, the replicated keys it said)
         self._replicas_told: dict[str, tuple[str, set[BlockHash]]] = {}
@@ -176,6 +182,7 @@ class CoordinatorState:
             "routing": self.router.stats(),
             "liveness": {
                 "workers": self.workers(),
+                "epochs": {w: m.epoch for w, m in self.members.items()},  # the incarnation routed to
                 "dead_workers": self.num_dead_workers,
                 "inventories": self.num_inventories,
                 "liveness_timeout_s": self.liveness_timeout_s,
@@ -188,8 +195,9 @@ class Coordinator:
     """The actor around ``CoordinatorState``. It runs on an asyncio loop: calls run one at a time,
     and a background task removes silent workers."""
 
-    def __init__(self, block_size: int, routing: str, liveness_timeout_s: float, pull: str = "auto"):
-        self.state = CoordinatorState(block_size, routing, liveness_timeout_s, pull)
+    def __init__(self, block_size: int, routing: str, liveness_timeout_s: float, pull: str = "auto", max_queued_requests: int | None = None):
+        self.state = CoordinatorState(block_size, routing, liveness_timeout_s, pull, max_queued_requests)
+        self._started = time.monotonic()
         self._watcher: asyncio.Task | None = None
         self._metrics = CoordinatorMetrics(ray.get_runtime_context().namespace)
         self._metrics_sink = RayMetricsSink.create()
@@ -231,14 +239,26 @@ class Coordinator:
     async def load_inventory(self, worker_id, epoch, seq, inventory) -> None:
         self.state.load_inventory(worker_id, epoch, seq, inventory)
 
+    async def _await_workers(self, named: Sequence[str | None]) -> None:
+        """Right after a (re)start the state knows no worker until each one's next report (within
+        a heartbeat). A request that needs a worker not known yet (any, or the one it names)
+        waits for it, at most ``liveness_timeout_s`` from the start, rather than failing; other
+        calls (the reports among them) run meanwhile."""
+        members = self.state.members
+        deadline = self._started + self.state.liveness_timeout_s
+        while (not members or any(w is not None and w not in members for w in named)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
     async def route(self, request_id, keys, num_tokens, policy=None, worker=None, pull=None) -> RouteDecision:
         self._watch()
+        await self._await_workers([worker])
         return self.state.route(request_id, keys, num_tokens, policy, worker, pull)
 
     async def route_many(self, requests) -> list[RouteDecision | Exception]:
         """Routes a batch in order, (request id, keys, num_tokens, policy, worker, pull) each; a
         request that cannot be routed gets its error in its place."""
         self._watch()
+        await self._await_workers([request[4] for request in requests])
         decisions = []
         for request in requests:
             try:
@@ -262,4 +282,10 @@ class Coordinator:
 
     async def config(self) -> dict:
         router = self.state.router
-        return {"block_size": self.state.block_size, "routing": router.policy, "pull": router.pull, "liveness_timeout_s": self.state.liveness_timeout_s}
+        return {
+            "block_size": self.state.block_size,
+            "routing": router.policy,
+            "pull": router.pull,
+            "liveness_timeout_s": self.state.liveness_timeout_s,
+            "max_queued_requests": router.max_queued_requests,
+        }

@@ -59,6 +59,12 @@ Baselines: ``round_robin``, ``least_loaded`` (least queued work, unreported incl
 ``random`` (seeded). Every decision records its predicted hit and the oracle (the largest hit any
 routable worker could give, per the directory); ``complete`` records the actual hit. In-flight
 bookkeeping holds only requests that have neither completed nor failed.
+
+Backpressure: with ``max_queued_requests`` set, the router keeps at most that many requests in
+flight (routed, neither completed nor failed), across all workers and drivers; ``route`` refuses
+the next one with ``Overloaded`` before it records anything. The in-flight count is exact here
+(the router adds a request when it routes it), so the bound is never exceeded; a request leaves
+it when its driver reports it done, or when its worker is removed.
 """
 
 from __future__ import annotations
@@ -75,6 +81,7 @@ from typing import NamedTuple
 
 from rayk.cluster.directory import MATCH_TIERS, BlocksByTier, PrefixDirectory
 from rayk.hashing import BlockHash
+from rayk.overload import Overloaded, check_max_queued_requests
 
 DEFAULT_TIER_COSTS = {"device": 0.0, "pending": 0.0, "host": 0.1, "disk": 0.3}
 """Cost of serving a token from each tier, as a fraction of computing it (a miss costs 1)."""
@@ -209,6 +216,7 @@ class Router:
         pull: str = "auto",
         default_pull_cost: float = 0.2,
         pull_overhead_tokens: float = 64.0,
+        max_queued_requests: int | None = None,
     ):
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"Router.block_size must be an int >= 1 (tokens), got {block_size!r}")
@@ -239,6 +247,7 @@ class Router:
         self.pull = pull
         self.default_pull_cost = float(default_pull_cost)
         self.pull_overhead_tokens = float(pull_overhead_tokens)
+        self.max_queued_requests = check_max_queued_requests(max_queued_requests)
         # Tokens a cached block saves against a miss, per tier, in BlocksByTier order.
         self._saved_per_block = tuple(block_size * (1.0 - costs[tier]) for tier in MATCH_TIERS)
         self._random = random.Random(seed)
@@ -252,6 +261,7 @@ class Router:
         self._prefix_sets: list[set[BlockHash]] = []
         self._states: dict[str, _WorkerState] = {}
         self._in_flight: dict[str, _InFlight] = {}
+        self._peak_in_flight = 0
         self._claims: dict[str, _Claim] = {}  # request id -> its pending keys
         self._deadlines: list[tuple[float, str]] = []  # a heap of (deadline, request id)
         self._next_round_robin = 0
@@ -318,12 +328,16 @@ class Router:
         """Picks a worker for a request: ``keys`` are its full blocks' keys, from the first, and
         ``num_tokens`` its prompt length. ``worker`` forces one; ``policy`` and ``pull`` override
         the router's. ``now`` (seconds, monotonic) expires pending claims; it defaults to
-        ``time.monotonic()``."""
+        ``time.monotonic()``. With ``max_queued_requests`` set, a valid request that would make
+        more requests in flight than that raises ``Overloaded`` and records nothing."""
         if request_id in self._in_flight:
             raise ValueError(f"request_id {request_id!r} is already in flight")
         now = time.monotonic() if now is None else now
         self.expire_claims(now)
-        choice = self.choose(keys, num_tokens, policy=policy, worker=worker, pull=pull)
+        choice = self.choose(keys, num_tokens, policy=policy, worker=worker, pull=pull)  # a bad request gets its own error
+        if self.max_queued_requests is not None and len(self._in_flight) >= self.max_queued_requests:
+            self._totals["overloaded"] += 1
+            raise Overloaded(self.max_queued_requests, len(self._in_flight))
         policy = self.policy if policy is None else policy
         # The rotations advance per route, so choose() alone never changes a later choice.
         self._next_tie += 1
@@ -346,6 +360,7 @@ class Router:
             self._claims[request_id] = _Claim(chosen, pending_keys, deadline)
         heapq.heappush(self._deadlines, (deadline, request_id))
         self._in_flight[request_id] = _InFlight(chosen, predicted)
+        self._peak_in_flight = max(self._peak_in_flight, len(self._in_flight))
         state = self._states[chosen]
         state.unreported[request_id] = prefill
         state.unreported_tokens += prefill
@@ -507,6 +522,9 @@ class Router:
         return {
             "decisions": dict(self._decisions),
             "in_flight": len(self._in_flight),
+            "peak_in_flight": self._peak_in_flight,
+            "max_queued_requests": self.max_queued_requests,
+            "overloaded": t["overloaded"],
             "pending_claims": len(self._claims),
             "completed": t["completed"],
             "failed": t["failed"],

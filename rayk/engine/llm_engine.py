@@ -26,7 +26,7 @@ from rayk.config import EngineConfig
 from rayk.engine.model_runner import ModelRunner
 from rayk.engine.request import Request
 from rayk.engine.scheduler import Scheduler
-from rayk.hashing import BlockHash, model_fingerprint
+from rayk.hashing import BlockHash, check_cache_salt, model_fingerprint
 from rayk.model.architecture import TORCH_DTYPES
 from rayk.model.attention import FLASH_ATTN_BLOCK_SIZE_MULTIPLE, flash_attn_available
 from rayk.model.tokenizer import IncrementalDetokenizer
@@ -291,6 +291,7 @@ class LLMEngine:
                 "evictions": self.disk.num_evictions,
                 "rejected": self.disk.num_rejected,
                 "segments": self.disk.num_segments,
+                **self.disk.health(),  # degraded, its reason, and the fault counts
             },
             "scheduler": {
                 "waiting": len(self.scheduler.waiting),
@@ -342,8 +343,7 @@ def request_token_ids(
 def prompt_token_ids(prompt: str | Sequence[int], tokenizer, vocab_size: int, where: str = "prompt", cache_salt: str | bytes | None = None) -> list[int]:
     """A prompt's token ids (a string is encoded with ``tokenizer``), or a ValueError/TypeError
     naming ``where`` and what is wrong: the one check of prompts, for engines and drivers alike."""
-    if cache_salt is not None and not isinstance(cache_salt, (str, bytes)):
-        raise TypeError(f"cache_salt must be a str, bytes or None, got {type(cache_salt).__name__}")
+    check_cache_salt(cache_salt)
     if isinstance(prompt, str):
         if tokenizer is None:
             raise TypeError(f"{where} is a string, but the model has no tokenizer.json: pass token ids")
