@@ -6,13 +6,22 @@ driver at ``--rate`` per second, more than the workers serve, with ``max_queued_
 the deployment refuses what it cannot queue with ``rayk.Overloaded``, and the driver does not
 send those again. Prompts are token ids of random lengths, most behind one of ``--prefixes``
 shared prefixes; ``max_tokens`` is random too. ``--cancel-fraction`` of the requests are streams
-that the driver abandons after their first delta (the worker aborts them). After
+that the driver abandons after their first delta (the worker aborts them). ``--pull-fraction``
+of the requests behind a shared prefix go, with ``pull="always"``, to the next worker in turn
+rather than where the router would send them: when that worker lacks the prefix it pulls its
+blocks from a holder through the object store. The generated model's KV is sized
+(``--hidden-size``, ``--layers``, ``--kv-heads``) so that one pulled batch is far above the
+~100 KiB under which Ray inlines an object instead of storing it. After
 ``--kill-at`` of the requests are sent, one worker's process is SIGKILLed (Ray restarts it:
-its requests are sent again by the driver, or fail with an error); after ``--bad-at``, a list of
+its requests are sent again by the driver, or fail with an error: a stream, or a forced pull,
+which names its worker and so is not sent elsewhere); after ``--bad-at``, a list of
 bad calls is made, each of which must raise a clear error while the load goes on.
 
-Every ``--sample-s`` a monitor reads ``Cluster.stats()`` and the object store (bytes in use on
-every node, from Ray's memory info): the peak of each tier and of the requests in flight.
+Every ``--sample-s`` a monitor reads ``Cluster.stats()``: the peak of each tier and of the
+requests in flight, and the transfers (pulls counted across a worker's restart). Every
+``--store-sample-s`` another thread reads the object stores of every node (bytes and objects in
+use, summed by the raylet's global memory info): a pulled batch lives there only from its export
+until the puller has staged its blocks, so it is sampled far more often.
 
 Once every request has its answer (or ``--drain-s`` has passed: what has none then is *lost*),
 it checks, and reports as a markdown table:
@@ -23,13 +32,16 @@ it checks, and reports as a markdown table:
 - faults injected; bad inputs tried, each with the error it got (each must be a clear error);
 - leaked blocks: device blocks still in use on every worker once drained (``check_invariants``
   control; must be 0), and requests still in flight at the coordinator;
-- peak memory per tier (device and host blocks, object store bytes), and once the caches are
-  reset, each back to its baseline (no pinned objects left in the object store).
+- pulls and pulled bytes (all workers), the bytes created in the object stores during the run,
+  and the peak memory per tier (device and host blocks, object store bytes);
+- once the caches are reset, each tier back to its baseline: no blocks cached, and the object
+  stores of every node back to their bytes and objects before the deployment started (no
+  pinned objects left).
 
 The process exits 1 when anything that must be 0 is not. JSON goes to ``--out``
 (default ``benchmarks/results/soak.json``).
 
-    python benchmarks/soak.py                    # 3000 requests, about 1-2 minutes on 2 cores
+    python benchmarks/soak.py                    # 3000 requests, a few minutes on 2 cores
     python benchmarks/soak.py --requests 300     # a quick one (tests/test_soak.py)
 """
 
@@ -65,17 +77,19 @@ import rayk
 
 RESULTS = Path(__file__).parent / "results" / "soak.json"
 MAX_MODEL_LEN = 256
+HEAD_DIM = 64  # of the generated model: attention heads = hidden size / HEAD_DIM
 
 
-def write_checkpoint(directory: str, vocab_size: int) -> None:
-    """A tiny random Llama (2 layers, hidden 64): the soak measures the system, not the model."""
+def write_checkpoint(directory: str, vocab_size: int, hidden_size: int, layers: int, kv_heads: int) -> None:
+    """A small random Llama (the soak measures the system, not the model) whose KV per token,
+    ``2 * layers * kv_heads * HEAD_DIM * 4`` bytes in float32, sizes the pulled batches."""
     config = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden_size // HEAD_DIM,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=1024,
         initializer_range=0.2,
         bos_token_id=None,
@@ -85,45 +99,119 @@ def write_checkpoint(directory: str, vocab_size: int) -> None:
     LlamaForCausalLM(config).save_pretrained(directory)
 
 
-def make_requests(args, rng: np.random.Generator) -> list[tuple[list[int], int, bool]]:
-    """(prompt token ids, max_tokens, abandoned stream?) per request: 70 % behind a shared prefix."""
+def make_requests(args, rng: np.random.Generator) -> list[tuple[list[int], int, bool, bool]]:
+    """(prompt token ids, max_tokens, abandoned stream?, forced pull?) per request: 70 % behind a
+    shared prefix, ``args.pull_fraction`` of those (never a stream) sent to pull it."""
     prefixes = [rng.integers(0, args.vocab_size, int(rng.integers(32, 97))).tolist() for _ in range(args.prefixes)]
     requests = []
     for _ in range(args.requests):
         suffix = rng.integers(0, args.vocab_size, int(rng.integers(1, 64))).tolist()
-        prompt = (prefixes[int(rng.integers(len(prefixes)))] + suffix) if rng.random() < 0.7 else suffix
-        requests.append((prompt, int(rng.integers(1, 9)), bool(rng.random() < args.cancel_fraction)))
+        shared = rng.random() < 0.7
+        prompt = (prefixes[int(rng.integers(len(prefixes)))] + suffix) if shared else suffix
+        cancel = bool(rng.random() < args.cancel_fraction)
+        pull = bool(shared and not cancel and rng.random() < args.pull_fraction)
+        requests.append((prompt, int(rng.integers(1, 9)), cancel, pull))
     return requests
 
 
-def object_store_usage() -> tuple[int, int]:
-    """(bytes, objects) in the object stores of every node."""
-    reply = get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address))
-    return int(reply.store_stats.object_store_bytes_used), int(reply.store_stats.num_local_objects)
+class ObjectStores:
+    """The object stores of every node, read through one raylet: it gathers every node's store
+    statistics (Ray's ``FormatGlobalMemoryInfo``, what ``ray memory --stats-only`` prints)."""
+
+    def __init__(self):
+        self._state = get_state_from_address(ray.get_runtime_context().gcs_address)
+
+    def read(self) -> dict[str, int]:
+        """Bytes and objects in use now, and bytes and objects created since each store started."""
+        stats = get_memory_info_reply(self._state, timeout_seconds=10.0).store_stats
+        return {
+            "bytes": int(stats.object_store_bytes_used),
+            "objects": int(stats.num_local_objects),
+            "created_bytes": int(stats.cumulative_created_bytes),
+            "created_objects": int(stats.cumulative_created_objects),
+        }
 
 
-class Monitor:
-    """Samples the deployment every ``interval_s`` on its own thread; keeps the peaks."""
+class Periodic:
+    """Calls ``sample`` every ``interval_s`` on its own thread from ``start`` until ``close``;
+    counts the calls that completed and the errors of the others by type."""
 
-    def __init__(self, cluster, interval_s: float):
-        self.cluster = cluster
+    def __init__(self, name: str, interval_s: float, sample: Callable[[], None]):
         self.interval_s = interval_s
-        self.peaks: Counter[str] = Counter()
+        self.sample = sample
         self.samples = 0
         self.errors: Counter[str] = Counter()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="soak-monitor", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
                 self.sample()
+                self.samples += 1
             except Exception as error:  # a worker restarting mid-call: the next sample counts
                 self.errors[type(error).__name__] += 1
 
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class StoreMonitor:
+    """The peak bytes and objects in use in the object stores of every node."""
+
+    def __init__(self, stores: ObjectStores):
+        self.stores = stores
+        self.peaks: Counter[str] = Counter()
+
+    def sample(self) -> None:
+        now = self.stores.read()
+        for key in ("bytes", "objects"):
+            self.peaks[key] = max(self.peaks[key], now[key])
+
+
+TRANSFER_COUNTS = ("pulls", "pulled_blocks", "pulled_bytes", "served_blocks", "served_bytes")
+
+
+class Monitor:
+    """Samples the deployment's stats: the peak of each tier and the transfers of every worker.
+
+    A restarted worker starts its counters from 0: what it counted before is banked, so the
+    totals hold every transfer up to each worker's last sample before it died."""
+
+    def __init__(self, cluster):
+        self.cluster = cluster
+        self.peaks: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._last: dict[str, Counter[str]] = {}  # per worker: its counters at its last sample
+        self._banked: Counter[str] = Counter()  # what workers counted before they restarted
+
+    def transfers(self) -> dict:
+        """The sums of ``TRANSFER_COUNTS`` over every worker, and ``failed_pulls``: their number
+        and ``failed_by_reason``."""
+        with self._lock:
+            total = Counter(self._banked)
+            for counts in self._last.values():
+                total.update(counts)
+        failed = {key.removeprefix("failed:"): n for key, n in total.items() if key.startswith("failed:") and n}
+        return {key: total[key] for key in TRANSFER_COUNTS} | {"failed_pulls": sum(failed.values()), "failed_by_reason": failed}
+
+    def _count_transfers(self, workers: dict[str, dict]) -> None:
+        with self._lock:
+            for worker_id, stats in workers.items():
+                t = stats["transfers"]
+                now = Counter({key: t[key] for key in TRANSFER_COUNTS} | {f"failed:{reason}": n for reason, n in t["failed_pulls"].items()})
+                last = self._last.get(worker_id)
+                if last is not None and any(now[key] < last[key] for key in last):  # restarted: bank the old counts
+                    self._banked.update(last)
+                self._last[worker_id] = now
+
     def sample(self) -> None:
         stats = self.cluster.stats()
+        self._count_transfers(stats["workers"])
         workers = stats["workers"].values()
         now = {
             "device_used_blocks": sum(w["device_pool"]["used_blocks"] for w in workers),
@@ -131,15 +219,9 @@ class Monitor:
             "host_cached_blocks": sum((w["host_tier"] or {}).get("cached_blocks", 0) for w in workers),
             "queued_or_running": sum(w["load"]["waiting"] + w["load"]["running"] for w in workers),
             "in_flight": stats["routing"]["peak_in_flight"],  # the router's own peak: exact, not sampled
-            "object_store_bytes": object_store_usage()[0],
         }
         for key, value in now.items():
             self.peaks[key] = max(self.peaks[key], value)
-        self.samples += 1
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def bad_calls(cluster, vocab_size: int) -> list[tuple[str, Callable[[], object]]]:
@@ -200,9 +282,12 @@ class Outcomes:
             self.outputs[index] = token_ids
 
 
-def run_load(cluster, requests, args, outcomes: Outcomes, kill_pid: int) -> dict:
-    """Sends every request at ``args.rate``; returns the faults and bad inputs, and the futures' count."""
+def run_load(cluster, requests, args, outcomes: Outcomes, kill_pid: int, before_kill: Callable[[], None]) -> dict:
+    """Sends every request at ``args.rate``, a forced pull to the next live worker in turn;
+    calls ``before_kill`` just before the kill. Returns the faults and bad inputs, the forced
+    pulls sent, and the send and drain times."""
     futures: list[concurrent.futures.Future] = []
+    forced = 0
     streams = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="soak-stream")
     kill_at, bad_at = int(args.kill_at * len(requests)), int(args.bad_at * len(requests))
     faults, bad = [], []
@@ -231,11 +316,12 @@ def run_load(cluster, requests, args, outcomes: Outcomes, kill_pid: int) -> dict
         except Exception as error:
             outcomes.count("failed", error)
 
-    for index, (prompt, max_tokens, cancel) in enumerate(requests):
+    for index, (prompt, max_tokens, cancel, pull) in enumerate(requests):
         delay = start + index / args.rate - time.monotonic()
         if delay > 0:
             time.sleep(delay)
         if index == kill_at and kill_pid:
+            before_kill()
             os.kill(kill_pid, signal.SIGKILL)
             faults.append({"fault": "SIGKILL of worker-1's process", "pid": kill_pid, "after_requests": index, "at_s": round(time.monotonic() - start, 2)})
         if index == bad_at:
@@ -245,7 +331,12 @@ def run_load(cluster, requests, args, outcomes: Outcomes, kill_pid: int) -> dict
             futures.append(streams.submit(abandon, index, prompt, params))
             continue
         try:
-            future = cluster.submit(prompt, params)
+            if pull:
+                live = cluster.workers()  # the killed worker is not routable until it is back
+                future = cluster.submit(prompt, params, worker=live[forced % len(live)], pull="always")
+                forced += 1
+            else:
+                future = cluster.submit(prompt, params)
         except rayk.Overloaded:
             outcomes.count("refused")
             continue
@@ -257,7 +348,7 @@ def run_load(cluster, requests, args, outcomes: Outcomes, kill_pid: int) -> dict
     sent_s = time.monotonic() - start
     _, unfinished = concurrent.futures.wait(futures, timeout=args.drain_s)
     streams.shutdown(wait=False, cancel_futures=True)
-    return {"faults": faults, "bad_inputs": bad, "send_s": sent_s, "drain_s": time.monotonic() - start - sent_s, "unanswered": len(unfinished)}
+    return {"faults": faults, "bad_inputs": bad, "forced_pulls": forced, "send_s": sent_s, "drain_s": time.monotonic() - start - sent_s, "unanswered": len(unfinished)}
 
 
 def wait_for(condition, timeout_s: float, interval_s: float = 0.2):
@@ -270,10 +361,12 @@ def wait_for(condition, timeout_s: float, interval_s: float = 0.2):
         time.sleep(interval_s)
 
 
-def drained_state(cluster, workers: list[str], baseline: tuple[int, int]) -> dict:
+def drained_state(cluster, workers: list[str], stores: ObjectStores, baseline: dict[str, int]) -> dict:
     """What is left once every request is answered: blocks in use and requests per worker (with
     the cache's invariants asserted), requests in flight at the coordinator, and, once every
-    tier is reset, cached blocks per tier and the object store against its baseline."""
+    tier is reset, cached blocks per tier and the object stores (bytes and objects in use on
+    every node) against their baseline, waited for up to 15 s (Ray frees an object once its
+    owner drops the last reference, not at once)."""
     wait_for(lambda: set(workers) <= set(cluster.workers()), 60)  # the killed worker is back
     in_flight = wait_for(lambda: cluster.stats()["routing"]["in_flight"] == 0 or None, 10) is None
     leftover = cluster._control("check_invariants", None)
@@ -281,10 +374,10 @@ def drained_state(cluster, workers: list[str], baseline: tuple[int, int]) -> dic
     stats = cluster.stats()["workers"]
 
     def at_baseline():
-        used = object_store_usage()
-        return used if used[0] <= baseline[0] and used[1] <= baseline[1] else None
+        used = stores.read()
+        return used if used["bytes"] <= baseline["bytes"] and used["objects"] <= baseline["objects"] else None
 
-    store = wait_for(at_baseline, 15) or object_store_usage()
+    store = wait_for(at_baseline, 15) or stores.read()
     return {
         "per_worker": leftover,
         "leaked_blocks": sum(v["used_blocks"] for v in leftover.values()),
@@ -292,8 +385,10 @@ def drained_state(cluster, workers: list[str], baseline: tuple[int, int]) -> dic
         "in_flight_left": cluster.stats()["routing"]["in_flight"] if in_flight else 0,
         "device_cached_after_reset": sum(w["device_pool"]["cached_blocks"] for w in stats.values()),
         "host_cached_after_reset": sum((w["host_tier"] or {}).get("cached_blocks", 0) for w in stats.values()),
-        "object_store_bytes": store[0],
-        "object_store_objects": store[1],
+        "object_store_bytes": store["bytes"],
+        "object_store_objects": store["objects"],
+        "object_store_created_bytes": store["created_bytes"] - baseline["created_bytes"],
+        "object_store_created_objects": store["created_objects"] - baseline["created_objects"],
     }
 
 
@@ -310,7 +405,7 @@ def verify(model_dir: str, requests, outputs: dict[int, list[int]], count: int, 
 
 
 def print_table(result: dict) -> None:
-    r, d, p, b = result["requests"], result["drained"], result["peaks"], result["baseline"]
+    r, d, p, b, t = result["requests"], result["drained"], result["peaks"], result["baseline"], result["transfers"]
     rows = [
         ("requests sent", r["sent"]),
         ("completed", r["completed"]),
@@ -327,9 +422,13 @@ def print_table(result: dict) -> None:
         (f"peak requests in flight (bound {result['config']['max_queued_requests']})", p["in_flight"]),
         ("peak device blocks in use / cached (all workers)", f"{p['device_used_blocks']} / {p['device_cached_blocks']}"),
         ("peak host blocks cached (all workers)", p["host_cached_blocks"]),
-        ("peak object store bytes (all nodes)", p["object_store_bytes"]),
+        (f"pulls (of {result['forced_pulls']} requests sent to pull) / failed (a recompute)", f"{t['pulls']} / {t['failed_pulls']} {t['failed_by_reason'] or ''}".rstrip()),
+        ("pulled blocks / bytes (all workers)", f"{t['pulled_blocks']} / {t['pulled_bytes']}"),
+        ("pulled bytes per pull (Ray inlines objects under 100 KiB)", f"{t['pulled_bytes'] / max(t['pulls'], 1):.0f}"),
+        ("object store: objects / bytes created during the run (all nodes)", f"{d['object_store_created_objects']} / {d['object_store_created_bytes']}"),
+        (f"peak object store bytes / objects in use (all nodes, {result['store_samples']} samples)", f"{p['object_store_bytes']} / {p['object_store_objects']}"),
         ("after reset: device / host blocks cached", f"{d['device_cached_after_reset']} / {d['host_cached_after_reset']}"),
-        ("after drain: object store bytes / objects (baseline)", f"{d['object_store_bytes']} / {d['object_store_objects']} ({b[0]} / {b[1]})"),
+        ("after drain: object store bytes / objects (baseline)", f"{d['object_store_bytes']} / {d['object_store_objects']} ({b['bytes']} / {b['objects']})"),
         ("wall time (s)", f"{result['wall_s']:.1f}"),
     ]
     print("| what | value |\n|---|---|")
@@ -352,27 +451,34 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--nodes", type=int, default=2, help="local Ray nodes, each with its own object store")
     parser.add_argument("--cpus-per-node", type=int, default=2)
-    parser.add_argument("--model", default=None, help="a local Hugging Face directory (default: a tiny random Llama in a temp dir)")
+    parser.add_argument("--model", default=None, help="a local Hugging Face directory (default: a small random Llama in a temp dir, sized by the next options)")
     parser.add_argument("--vocab-size", type=int, default=None, help="of the prompts' token ids (default: the model's)")
+    parser.add_argument("--hidden-size", type=int, default=256, help=f"of the generated model, a multiple of {HEAD_DIM} (default 256)")
+    parser.add_argument("--layers", type=int, default=4, help="of the generated model (default 4)")
+    parser.add_argument("--kv-heads", type=int, default=4, help="KV heads of the generated model, dividing its hidden size / 64 (default 4: 8 KiB of KV per token)")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--device-blocks", type=int, default=96, help="device pool blocks per worker (small: evictions to the host tier)")
     parser.add_argument("--host-blocks", type=int, default=256, help="host tier blocks per worker")
     parser.add_argument("--prefixes", type=int, default=12, help="shared prefixes")
     parser.add_argument("--cancel-fraction", type=float, default=0.05, help="requests sent as streams and abandoned after their first delta")
+    parser.add_argument("--pull-fraction", type=float, default=0.1, help="requests behind a shared prefix sent to the next worker with pull='always'")
     parser.add_argument("--kill-at", type=float, default=0.4, help="fraction of the requests sent before worker-1 is SIGKILLed (1: never)")
     parser.add_argument("--bad-at", type=float, default=0.6, help="fraction of the requests sent before the bad inputs are tried")
     parser.add_argument("--verify", type=int, default=40, help="completions compared with rayk.LLM in this process")
-    parser.add_argument("--sample-s", type=float, default=0.5, help="seconds between the monitor's samples")
+    parser.add_argument("--sample-s", type=float, default=0.5, help="seconds between the monitor's samples of the stats")
+    parser.add_argument("--store-sample-s", type=float, default=0.02, help="seconds between samples of the object stores")
     parser.add_argument("--drain-s", type=float, default=120.0, help="how long to wait for answers once all are sent; unanswered then: lost")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS), help="the JSON result")
     args = parser.parse_args()
-    for name in ("requests", "workers", "nodes", "cpus_per_node", "block_size", "device_blocks", "host_blocks", "prefixes", "max_queued_requests"):
+    for name in ("requests", "workers", "nodes", "cpus_per_node", "block_size", "device_blocks", "host_blocks", "prefixes", "max_queued_requests", "hidden_size", "layers", "kv_heads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not args.rate > 0 or not args.sample_s > 0 or not args.drain_s > 0:
-        parser.error("--rate, --sample-s and --drain-s must be > 0")
-    for name in ("cancel_fraction", "kill_at", "bad_at"):
+    if not args.rate > 0 or not args.sample_s > 0 or not args.store_sample_s > 0 or not args.drain_s > 0:
+        parser.error("--rate, --sample-s, --store-sample-s and --drain-s must be > 0")
+    if args.hidden_size % HEAD_DIM or (args.hidden_size // HEAD_DIM) % args.kv_heads:
+        parser.error(f"--hidden-size must be a multiple of {HEAD_DIM} and --kv-heads must divide its {HEAD_DIM}-wide heads, got {args.hidden_size} and {args.kv_heads}")
+    for name in ("cancel_fraction", "pull_fraction", "kill_at", "bad_at"):
         if not 0 <= getattr(args, name) <= 1:
             parser.error(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
     if args.workers < 2 and args.kill_at < 1:
@@ -388,7 +494,7 @@ def main() -> int:
         if args.model is None:
             args.vocab_size = args.vocab_size or 512
             model_dir = os.path.join(work_dir, "model")
-            write_checkpoint(model_dir, args.vocab_size)
+            write_checkpoint(model_dir, args.vocab_size, args.hidden_size, args.layers, args.kv_heads)
         else:
             model_dir = args.model
             args.vocab_size = args.vocab_size or json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
@@ -399,7 +505,8 @@ def main() -> int:
                 nodes.add_node(num_cpus=args.cpus_per_node)
             nodes.wait_for_nodes()
             ray.init(address=nodes.address, namespace="rayk-soak", log_to_driver=False)
-            baseline = object_store_usage()
+            stores = ObjectStores()
+            baseline = stores.read()
             with rayk.Cluster(
                 model_dir,
                 num_workers=args.workers,
@@ -415,13 +522,18 @@ def main() -> int:
                 workers = cluster.workers()
                 kill_pid = ray.get(cluster._worker("worker-1").info.remote())["pid"] if args.kill_at < 1 else 0
                 outcomes = Outcomes()
-                monitor = Monitor(cluster, args.sample_s)
+                monitor, store_monitor = Monitor(cluster), StoreMonitor(stores)
+                samplers = [Periodic("soak-monitor", args.sample_s, monitor.sample), Periodic("soak-store-monitor", args.store_sample_s, store_monitor.sample)]
+                for sampler in samplers:
+                    sampler.start()
                 try:
-                    load = run_load(cluster, requests, args, outcomes, kill_pid)
+                    load = run_load(cluster, requests, args, outcomes, kill_pid, before_kill=monitor.sample)
                 finally:
-                    monitor.close()
+                    for sampler in samplers:
+                        sampler.close()
                 monitor.sample()
-                drained = drained_state(cluster, workers, baseline)
+                store_monitor.sample()
+                drained = drained_state(cluster, workers, stores, baseline)
                 after = cluster.generate([1, 2, 3, 4, 5], rayk.SamplingParams(temperature=0, max_tokens=4))[0]
             verified = verify(model_dir, requests, outcomes.outputs, args.verify, args.block_size)
         finally:
@@ -454,10 +566,13 @@ def main() -> int:
         "faults": load["faults"],
         "bad_inputs": load["bad_inputs"],
         "verified": verified,
-        "peaks": dict(monitor.peaks),
-        "monitor_samples": monitor.samples,
-        "monitor_errors": dict(monitor.errors),
-        "baseline": list(baseline),
+        "forced_pulls": load["forced_pulls"],
+        "transfers": monitor.transfers(),
+        "peaks": dict(monitor.peaks) | {f"object_store_{key}": value for key, value in store_monitor.peaks.items()},
+        "monitor_samples": samplers[0].samples,
+        "store_samples": samplers[1].samples,
+        "monitor_errors": dict(samplers[0].errors + samplers[1].errors),
+        "baseline": baseline,
         "drained": drained,
         "served_after": len(after.token_ids) == 4,
         "wall_s": time.monotonic() - wall,
@@ -474,7 +589,7 @@ def main() -> int:
         "requests left": drained["requests_left"] + drained["in_flight_left"],
         "unclear bad-input errors": sum(not x["clear"] for x in load["bad_inputs"]),
         "cached blocks after reset": drained["device_cached_after_reset"] + drained["host_cached_after_reset"],
-        "object store above baseline": int(drained["object_store_bytes"] > baseline[0] or drained["object_store_objects"] > baseline[1]),
+        "object store above baseline": int(drained["object_store_bytes"] > baseline["bytes"] or drained["object_store_objects"] > baseline["objects"]),
         "requests in flight above the bound": max(0, monitor.peaks["in_flight"] - args.max_queued_requests),
         "no answer after the soak": int(not result["served_after"]),
     }

@@ -1,7 +1,8 @@
 """Load: backpressure refuses past ``max_queued_requests`` with ``rayk.Overloaded`` before anything
 is queued, on the router and on a real two-node deployment; and a small soak
-(``benchmarks/soak.py``: a flood above capacity, cancellations, a SIGKILLed worker, bad input)
-loses nothing, leaks nothing and leaves memory at its baseline."""
+(``benchmarks/soak.py``: a flood above capacity, cancellations, forced pulls through the object
+store, a SIGKILLed worker, bad input) loses nothing, leaks nothing and leaves memory, the object
+stores of every node included, at its baseline."""
 
 from __future__ import annotations
 
@@ -116,11 +117,14 @@ def test_a_batch_larger_than_the_bound_is_refused_whole_and_a_stream_is_refused_
     assert len(next(iter(cluster.stream(prompts[-1], rayk.SamplingParams(temperature=0, max_tokens=1)))).output.token_ids) == 1
 
 
+INLINE_LIMIT = 100 * 1024  # Ray keeps a smaller object with its owner, out of the object store
+
+
 def test_a_small_soak_loses_nothing_leaks_nothing_and_returns_memory_to_baseline(tmp_path):
     out = tmp_path / "soak.json"
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     env.pop("RAY_ADDRESS", None)
-    command = [sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--requests", "300", "--verify", "20", "--out", str(out)]
+    command = [sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--requests", "300", "--verify", "20", "--pull-fraction", "0.3", "--out", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     soak = json.loads(out.read_text())
@@ -130,7 +134,14 @@ def test_a_small_soak_loses_nothing_leaks_nothing_and_returns_memory_to_baseline
     assert soak["faults"] and soak["verified"]["mismatched"] == 0 and soak["verified"]["compared"] == 20
     assert drained["leaked_blocks"] == 0 and drained["requests_left"] == 0 and drained["in_flight_left"] == 0
     assert drained["device_cached_after_reset"] == drained["host_cached_after_reset"] == 0
-    assert drained["object_store_bytes"] <= soak["baseline"][0] and drained["object_store_objects"] <= soak["baseline"][1]
+    # The object store was really used: blocks were pulled, each batch (one block or more) too big
+    # to be inlined, the stores held them (peak above 0), and once drained they hold no more than
+    # before the deployment.
+    transfers, peaks, baseline = soak["transfers"], soak["peaks"], soak["baseline"]
+    assert transfers["pulled_blocks"] > 0 and transfers["pulled_bytes"] / transfers["pulled_blocks"] > INLINE_LIMIT, transfers
+    assert drained["object_store_created_bytes"] >= transfers["pulled_bytes"], (drained, transfers)
+    assert peaks["object_store_bytes"] > INLINE_LIMIT and peaks["object_store_objects"] > 0, peaks
+    assert drained["object_store_bytes"] <= baseline["bytes"] and drained["object_store_objects"] <= baseline["objects"], (drained, baseline)
     assert soak["peaks"]["in_flight"] <= soak["config"]["max_queued_requests"]
     assert soak["bad_inputs"] and all(x["clear"] for x in soak["bad_inputs"])
     assert "| **lost** (must be 0) | 0 |" in result.stdout
