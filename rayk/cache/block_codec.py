@@ -19,8 +19,9 @@ those values as int8 followed by float32 scales ``[2, layers, kv_heads]``
 
 ``read_header`` checks everything a header claims against the caller's model and layout and the
 buffer's size, and raises ``BlockBatchError`` naming the first field that does not match; a block
-whose payload fails its checksum is left out of what ``decode`` returns. A reader therefore
-either gets blocks that are exactly what was written for this model, or a miss.
+whose payload fails its checksum, or whose KV holds a non-finite value (a block from outside with
+a recomputed checksum), is left out of what ``decode`` returns. A reader therefore either gets
+blocks that are exactly what was written for this model, or a miss.
 """
 
 from __future__ import annotations
@@ -200,7 +201,7 @@ def _record(index: int, entry, block_size: int) -> BlockRecord:
             and isinstance(parent, bytes)
             and len(key) in (16, 32)
             and len(parent) == len(key)
-            and isinstance(depth, int)
+            and type(depth) is int  # not a bool, nor a float or string
             and depth >= 0
             and isinstance(checksum, bytes)
             and len(checksum) == _CHECKSUM_BYTES
@@ -264,13 +265,23 @@ def decode(buffer: np.ndarray | bytes, fingerprint: bytes, layout: KVLayout) -> 
         if verified(payload, checksum):
             records.append(record)
             payloads.append(payload)
-    num_rejected = len(header.records) - len(records)
     if not payloads:
-        return DecodedBatch(records, None, num_rejected)
-    if num_rejected or header.compression is not None:
-        return DecodedBatch(records, decode_payloads(payloads, header.compression, layout), num_rejected)
-    raw = _read_only_tensor(buffer[header.payload_offset :])
-    return DecodedBatch(records, raw.view(layout.dtype).view(len(records), *_block_shape(layout)).permute(1, 2, 0, 3, 4, 5), 0)
+        return DecodedBatch(records, None, len(header.records))
+    if len(records) < len(header.records) or header.compression is not None:
+        blocks = decode_payloads(payloads, header.compression, layout)
+    else:
+        raw = _read_only_tensor(buffer[header.payload_offset :])
+        blocks = raw.view(layout.dtype).view(len(records), *_block_shape(layout)).permute(1, 2, 0, 3, 4, 5)
+    finite = finite_blocks(blocks)
+    if not finite.all():
+        records = [record for record, ok in zip(records, finite.tolist()) if ok]
+        blocks = blocks[:, :, finite] if records else None
+    return DecodedBatch(records, blocks, len(header.records) - len(records))
+
+
+def finite_blocks(blocks: torch.Tensor) -> torch.Tensor:
+    """Per block of a ``[2, layers, n, ...]`` tensor, whether every value in it is finite."""
+    return torch.isfinite(blocks).transpose(0, 2).reshape(blocks.shape[2], -1).all(dim=1)
 
 
 def _block_shape(layout: KVLayout) -> tuple[int, ...]:

@@ -39,6 +39,22 @@ byte count and the event buffer are shared with the writer and guarded by one lo
 
 ``read_only`` opens a directory (a snapshot) without writing or deleting anything in it: files
 that do not belong are counted in ``num_foreign`` and left alone.
+
+Hostile directories. Others may write to the directory, so the tier never trusts what it finds:
+
+* it opens only regular files, and checks that after opening (``O_NONBLOCK | O_NOFOLLOW``, then
+  ``fstat``), so a FIFO, device, directory or link under a segment's name (even one swapped in
+  during a run) is a miss, never a hang or a read elsewhere;
+* an odd entry named like a segment or a temporary file (a link, a directory, a FIFO, a file
+  that vanishes while it is read, a file that is not a block batch at all) is skipped, counted
+  in ``num_skipped`` and left alone, never fatal;
+* of temporary files it deletes only what it wrote: a stale file named as rayk names them
+  (``.<24 hex>.tmp``) that starts with rayk's magic; any other ``*.tmp`` is left alone (a
+  regular ``*.kvb`` file that is not a segment of this model is deleted, as said above);
+* a block whose KV holds a non-finite value is refused like one that fails its checksum;
+* given the model's ``hasher``, a segment in which any block's key is not the one its parent key
+  and token ids hash to is refused whole (deleted, or in a read-only directory counted in
+  ``num_foreign``): a planted file cannot file KV under another prefix's key.
 """
 
 from __future__ import annotations
@@ -47,7 +63,9 @@ import errno
 import logging
 import os
 import queue
+import re
 import secrets
+import stat
 import threading
 import time
 from collections.abc import Sequence
@@ -63,7 +81,7 @@ from rayk.cache.block_pool import BlockRecord
 from rayk.cache.events import EventBuffer
 from rayk.cache.paged_kv import KVLayout
 from rayk.cache.policies import BlockInfo, EvictionPolicy
-from rayk.hashing import BlockHash
+from rayk.hashing import BlockHash, BlockHasher
 
 SUFFIX = ".kvb"
 SEGMENT_BYTES = 64 << 20
@@ -71,9 +89,27 @@ SEGMENT_BYTES = 64 << 20
 WRITE_TIMEOUT_S = 10.0
 """A segment write running longer than this is hung (see the module doc)."""
 _STALE_TEMPORARY_S = 3600.0  # a temporary file this old was left by a crash, not a live writer
+_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+_TEMPORARY_NAME = re.compile(r"\.[0-9a-f]{24}\.tmp")
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 logger = logging.getLogger(__name__)
+
+
+def open_regular(path: str | os.PathLike):
+    """``path`` opened for binary reading, if it is a regular file; OSError otherwise.
+
+    The check is on the open descriptor (``fstat``), so nothing swapped in between a check and the
+    open slips through; ``O_NONBLOCK`` makes opening a FIFO return at once instead of waiting for
+    a writer, and ``O_NOFOLLOW`` refuses a link."""
+    descriptor = os.open(path, _READ_FLAGS)
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
 
 
 @dataclass(eq=False)
@@ -108,12 +144,14 @@ class DiskTier:
         compress: bool = False,
         read_only: bool = False,
         write_timeout_s: float = WRITE_TIMEOUT_S,
+        hasher: BlockHasher | None = None,
     ):
         if isinstance(write_timeout_s, bool) or not isinstance(write_timeout_s, (int, float)) or not write_timeout_s > 0:
             raise ValueError(f"DiskTier.write_timeout_s must be a number of seconds > 0, got {write_timeout_s!r}")
         self.directory = Path(directory)
         self.write_timeout_s = float(write_timeout_s)
         self.read_only = read_only
+        self.hasher = hasher
         if not read_only:
             self.directory.mkdir(parents=True, exist_ok=True)
         self.layout = layout
@@ -127,6 +165,8 @@ class DiskTier:
         self.num_bytes = 0
         self.num_rejected = 0
         self.num_foreign = 0
+        self.num_skipped = 0
+        self._write_failing = False  # the last write failed: the next failure is not logged in full
         self.num_stored = 0
         self.num_loaded = 0
         self.num_evictions = 0
@@ -191,7 +231,7 @@ class DiskTier:
             return None
         payload = np.empty(entry.end - entry.start, dtype=np.uint8)  # read into once: no bytes object
         try:
-            with entry.segment.path.open("rb") as f:
+            with open_regular(entry.segment.path) as f:
                 f.seek(entry.start)
                 num_read = f.readinto(payload)
         except OSError:
@@ -199,10 +239,14 @@ class DiskTier:
         if num_read != len(payload) or not block_codec.verified(payload, entry.checksum):
             self._reject(key, entry, "a block failed its checksum (flipped or cut short)")
             return None
+        blocks = block_codec.decode_payloads([payload], entry.segment.compression, self.layout)
+        if not block_codec.finite_blocks(blocks).all():  # a planted block with a recomputed checksum
+            self._reject(key, entry, "a block holds non-finite values")
+            return None
         with self._lock:
             self.policy.on_access(BlockInfo(key, entry.depth, entry.end - entry.start))
         self.num_loaded += 1
-        return block_codec.decode_payloads([payload], entry.segment.compression, self.layout)
+        return blocks
 
     # -- writes -------------------------------------------------------------------------------
 
@@ -262,6 +306,8 @@ class DiskTier:
             "no_space_errors": self.num_no_space,
             "hung_writes": self.num_hung_writes,
             "dropped_blocks": self.num_dropped_blocks,
+            "skipped_entries": self.num_skipped,
+            "foreign_files": self.num_foreign,
         }
 
     def _hung(self) -> bool:
@@ -331,12 +377,17 @@ class DiskTier:
             try:
                 if self._write(*item):
                     self._fault = None  # the disk takes blocks again
+                    self._write_failing = False
             except Exception as error:
                 self.num_write_errors += 1
                 if isinstance(error, OSError) and error.errno == errno.ENOSPC:
                     self.num_no_space += 1
                 self._fault = f"a segment write failed: {error!r}"
-                logger.exception("rayk disk tier: could not write a segment to %s; its blocks are dropped", self.directory)
+                # One full report per run of failures (a read-only directory fails every write);
+                # the rest are counted, and health() says degraded until a write lands.
+                log = logger.debug if self._write_failing else logger.exception
+                self._write_failing = True
+                log("rayk disk tier: could not write a segment to %s; its blocks are dropped (further failures are counted, not logged)", self.directory)
             finally:
                 with self._progress:
                     self._pending -= 1
@@ -358,11 +409,12 @@ class DiskTier:
         name = secrets.token_hex(12)
         path = self.directory / f"seg-{name}{SUFFIX}"
         temporary = self.directory / f".{name}.tmp"
+        self._write_file(temporary, buffer)  # a name already taken is left alone: not ours
         try:
-            self._write_file(temporary, buffer)
-            os.replace(temporary, path)
-        finally:
+            os.replace(temporary, path)  # replaces a link at ``path`` itself, never its target
+        except BaseException:
             temporary.unlink(missing_ok=True)
+            raise
         header = block_codec.read_header(buffer, self.fingerprint, self.layout)
         with self._lock:
             if generation != self._generation:  # cleared while it was written (a hung write)
@@ -374,10 +426,15 @@ class DiskTier:
 
     @staticmethod
     def _write_file(temporary: Path, buffer: np.ndarray) -> None:
-        """Writes the segment's bytes to a file created exclusively, never through a link."""
+        """Writes the segment's bytes to a file created exclusively, never through a link; a
+        file it created and could not fill is removed."""
         descriptor = os.open(temporary, _WRITE_FLAGS, 0o600)
-        with os.fdopen(descriptor, "wb") as f:
-            f.write(buffer.data)
+        try:
+            with os.fdopen(descriptor, "wb") as f:
+                f.write(buffer.data)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
 
     def _make_room(self, size: int) -> None:
         """Deletes the segments of policy-chosen blocks until ``size`` more bytes fit (caller
@@ -437,33 +494,81 @@ class DiskTier:
                 logger.warning("rayk disk tier: %s; segment %s deleted", reason, entry.segment.path.name)
 
     def _rebuild_index(self) -> None:
-        if not self.directory.is_dir():
+        """Indexes the segments in the directory; skips and counts odd entries; unless read-only,
+        deletes refused regular ``*.kvb`` files and the stale temporaries rayk wrote."""
+        try:
+            names = os.listdir(self.directory)
+        except (FileNotFoundError, NotADirectoryError):
             return
         now = time.time()
-        for temporary in self.directory.glob(".*.tmp"):
-            if not self.read_only and not temporary.is_symlink() and now - temporary.lstat().st_mtime > _STALE_TEMPORARY_S:
-                temporary.unlink(missing_ok=True)
-        paths = [p for p in self.directory.glob("*" + SUFFIX) if not p.is_symlink() and p.is_file()]
-        for path in sorted(paths, key=lambda p: p.stat().st_mtime):
-            header = self._read_header(path)
-            if header is not None:
-                self._add_segment(path, header, path.stat().st_size)
-            elif self.read_only:
-                self.num_foreign += 1
-            else:
-                path.unlink(missing_ok=True)
-                self.num_rejected += 1
+        found = []  # (mtime, path, header, size)
+        for name in names:
+            path = self.directory / name
+            if _TEMPORARY_NAME.fullmatch(name):
+                if not self.read_only:
+                    self._remove_stale_temporary(path, now)
+            elif name.endswith(SUFFIX):
+                found.extend(self._open_segment(path))
+        for _, path, header, size in sorted(found, key=lambda item: item[0]):
+            self._add_segment(path, header, size)
         self.events.drain()
 
-    def _read_header(self, path: Path) -> block_codec.BatchHeader | None:
-        """The checked header of a segment file, or None if it is not one for this model."""
+    def _open_segment(self, path: Path) -> list:
+        """``[(mtime, path, header, size)]`` for a segment of this model; ``[]`` otherwise, after
+        counting it (and, unless read-only, deleting a regular file that is not one)."""
         try:
-            size = path.stat().st_size
-            with path.open("rb") as f:
+            with open_regular(path) as f:
+                info = os.fstat(f.fileno())
                 prefix = f.read(block_codec.PREFIX_BYTES)
-                length = block_codec.header_length(prefix)
-                if length > min(size, block_codec.max_header_bytes(self.layout)):
-                    return None
-                return block_codec.read_header(prefix + f.read(length), self.fingerprint, self.layout, total_size=size)
+                header = self._read_header(f, prefix, info.st_size)
+            if header is not None and not self._keys_recompute(header):
+                header = None
+        except OSError:  # a link, a directory, a FIFO, a file gone since it was listed
+            self.num_skipped += 1
+            return []
+        if header is not None:
+            return [(info.st_mtime, path, header, info.st_size)]
+        if not self.read_only:
+            path.unlink(missing_ok=True)  # unlink never follows a link: it removes the name
+            self.num_rejected += 1
+        elif prefix.startswith(block_codec.MAGIC):
+            self.num_foreign += 1
+        else:  # not a block batch at all: skipped, not taken for another model's
+            self.num_skipped += 1
+        return []
+
+    def _keys_recompute(self, header: block_codec.BatchHeader) -> bool:
+        """Whether every block's key is what its parent key and token ids hash to (always true
+        without a hasher)."""
+        if self.hasher is None:
+            return True
+        for record in header.records:
+            recomputed: list[BlockHash] = []
+            self.hasher.extend(recomputed, record.tokens, record.parent)
+            if recomputed != [record.key]:
+                return False
+        return True
+
+    def _remove_stale_temporary(self, path: Path, now: float) -> None:
+        """Deletes a temporary file a crashed writer left (old, and starting with rayk's magic)."""
+        try:
+            with open_regular(path) as f:
+                stale = now - os.fstat(f.fileno()).st_mtime > _STALE_TEMPORARY_S
+                ours = f.read(len(block_codec.MAGIC)) == block_codec.MAGIC
+        except OSError:
+            self.num_skipped += 1
+            return
+        if stale and ours:
+            path.unlink(missing_ok=True)
+
+    def _read_header(self, f, prefix: bytes, size: int) -> block_codec.BatchHeader | None:
+        """The checked header of an open segment file whose first bytes are ``prefix``, or None
+        if it is not one for this model. The claimed header length is bounded by the layout and
+        the file's size before anything more is read."""
+        try:
+            length = block_codec.header_length(prefix)
+            if length > min(size, block_codec.max_header_bytes(self.layout)):
+                return None
+            return block_codec.read_header(prefix + f.read(length), self.fingerprint, self.layout, total_size=size)
         except (OSError, BlockBatchError):
             return None

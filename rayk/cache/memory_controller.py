@@ -226,11 +226,11 @@ class MemoryController:
             raise ValueError(f"cache snapshot {str(path)!r} is not a directory")
         if Path(path).exists() and not Path(path).is_dir():
             raise ValueError(f"cache snapshot path {str(path)!r} exists and is not a directory")
-        snapshot = DiskTier(path, m.kv_cache.layout, m.hasher.fingerprint, 1 << 62, make_policy("lru"), read_only=True)
+        snapshot = DiskTier(path, m.kv_cache.layout, m.hasher.fingerprint, 1 << 62, make_policy("lru"), read_only=True, hasher=m.hasher)
         if snapshot.num_foreign:
             raise ValueError(
                 f"cache snapshot {str(path)!r} holds {snapshot.num_foreign} files written for another model, "
-                "block size or KV layout; nothing was loaded or changed"
+                "block size or KV layout, or damaged (a key its tokens do not hash to); nothing was loaded or changed"
             )
         return snapshot
 
