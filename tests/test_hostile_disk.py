@@ -347,3 +347,25 @@ def test_a_hostile_snapshot_loads_what_is_sound_and_never_hangs(tiny_llama_dir, 
             second.load_cache(str(snapshot))
     finally:
         second.close()
+
+
+def test_an_engine_refuses_a_forged_segment_in_its_disk_dir(tiny_llama_dir, tmp_path):
+    probe = rayk.LLM(tiny_llama_dir, block_size=BLOCK_SIZE, num_device_blocks=16)
+    layout, hasher = probe.engine.kv_cache.layout, probe.engine.kv_cache_manager.hasher
+    probe.close()
+    tokens = random_prompts([2 * BLOCK_SIZE], seed=1510)[0]
+    keys = hasher.hash_blocks(tokens)
+    forged_key = bytes(len(keys[1]))  # block 1 filed under a key its tokens do not hash to
+    records = [
+        BlockRecord(0, keys[0], hasher.root(), 0, token_bytes(tokens[:BLOCK_SIZE])),
+        BlockRecord(1, forged_key, keys[0], 1, token_bytes(tokens[BLOCK_SIZE:])),
+    ]
+    writer = DiskTier(tmp_path, layout, hasher.fingerprint, 1 << 24, make_policy("lru"))
+    writer.store(records, torch.zeros((2, layout.num_layers, 2, layout.block_size, layout.num_kv_heads, layout.head_dim)))  # [K/V, layers, blocks, ...]
+    writer.close()
+    engine = rayk.LLM(tiny_llama_dir, block_size=BLOCK_SIZE, num_device_blocks=16, disk_dir=str(tmp_path))
+    try:
+        disk = engine.stats()["disk_tier"]
+        assert disk["cached_blocks"] == 0 and disk["rejected"] + disk["foreign_files"] >= 1
+    finally:
+        engine.close()

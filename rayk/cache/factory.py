@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import psutil
 import torch
 
 from rayk.cache.block_pool import BlockPool
@@ -47,22 +48,49 @@ def _host_blocks(config: CacheConfig, layout: KVLayout) -> int:
     return config.host_bytes // block_bytes
 
 
+def _available_bytes(device: torch.device) -> int:
+    """Memory a new allocation on ``device`` can take now: free CUDA memory, or available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return psutil.virtual_memory().available
+
+
+def _check_fits(what: str, blocks: int, block_bytes: int, device: torch.device) -> None:
+    """Refuses a pool that cannot fit before allocating it, so an oversized request fails with
+    the numbers instead of an allocator error or an out-of-memory kill."""
+    requested = blocks * block_bytes
+    available = _available_bytes(device)
+    if requested > available:
+        raise ValueError(
+            f"{what}={blocks} blocks of {block_bytes} bytes need {requested} bytes ({requested / 2**30:.1f} GiB), "
+            f"more than the {available} bytes ({available / 2**30:.1f} GiB) available on {device}"
+        )
+
+
 def build_tiered_cache(config: CacheConfig, layout: KVLayout, fingerprint: bytes, device: torch.device, num_device_blocks: int) -> TieredCache:
-    """The device pool of ``num_device_blocks`` blocks and the tiers ``config`` asks for."""
+    """The device pool of ``num_device_blocks`` blocks and the tiers ``config`` asks for.
+
+    Each pool's bytes are checked against the memory available before any is allocated (the
+    device pool against ``device``, the host tier against RAM); together they may still exceed it.
+    """
     policy = config.eviction_policy
+    host_blocks = _host_blocks(config, layout)
+    _check_fits("num_device_blocks", num_device_blocks, layout.bytes_per_block, device)
+    _check_fits("host_blocks", host_blocks, HostTier.block_bytes(layout, config.compression("host")), torch.device("cpu"))
     kv_cache = PagedKVCache(layout, num_device_blocks, device)
     # Each tier mirrors its own candidates, so each gets its own policy object: an instance
     # serves the device, the tiers below get copies of it.
     pool = BlockPool(num_device_blocks, layout.block_size, tier="device", policy=make_policy(policy), bytes_per_block=layout.bytes_per_block)
+    hasher = BlockHasher(fingerprint, layout.block_size, config.hash_algorithm)
     disk = None
     if config.disk_dir is not None:
-        disk = DiskTier(config.disk_dir, layout, fingerprint, config.disk_bytes, copy_policy(policy), compress=config.compression("disk"))
+        # With the hasher, a segment whose keys do not hash from their parents and tokens is refused.
+        disk = DiskTier(config.disk_dir, layout, fingerprint, config.disk_bytes, copy_policy(policy), compress=config.compression("disk"), hasher=hasher)
     host = None
-    host_blocks = _host_blocks(config, layout)
     if host_blocks:
         host = HostTier(layout, host_blocks, copy_policy(policy), lower=disk, compress=config.compression("host"), copy_engine=CopyEngine(device))
     for tier_pool in [pool] + ([host.pool] if host else []):
         tier_pool.lifecycle = LifecycleSampler(config.lifecycle_sample_rate)
     chain = TierChain(pool, kv_cache, fingerprint, host=host, disk=disk)
-    manager = KVCacheManager(chain, BlockHasher(fingerprint, layout.block_size, config.hash_algorithm), config.enable_prefix_caching)
+    manager = KVCacheManager(chain, hasher, config.enable_prefix_caching)
     return TieredCache(kv_cache, pool, host, disk, chain, manager)

@@ -333,21 +333,28 @@ def request_token_ids(
     pool, for engines and drivers alike."""
     if not isinstance(params, SamplingParams):
         raise TypeError(f"sampling params for {where} must be a rayk.SamplingParams, got {type(params).__name__}")
-    token_ids = prompt_token_ids(prompt, tokenizer, vocab_size, where, cache_salt)
+    token_ids = prompt_token_ids(prompt, tokenizer, vocab_size, where, cache_salt, max_model_len)
     total = len(token_ids) + params.max_tokens
     if total > max_model_len:
         raise ValueError(f"{where} has {len(token_ids)} tokens and max_tokens is {params.max_tokens}: {total} exceeds max_model_len {max_model_len}")
     return token_ids
 
 
-def prompt_token_ids(prompt: str | Sequence[int], tokenizer, vocab_size: int, where: str = "prompt", cache_salt: str | bytes | None = None) -> list[int]:
+def prompt_token_ids(
+    prompt: str | Sequence[int], tokenizer, vocab_size: int, where: str = "prompt", cache_salt: str | bytes | None = None, max_tokens: int | None = None
+) -> list[int]:
     """A prompt's token ids (a string is encoded with ``tokenizer``), or a ValueError/TypeError
-    naming ``where`` and what is wrong: the one check of prompts, for engines and drivers alike."""
+    naming ``where`` and what is wrong: the one check of prompts, for engines and drivers alike.
+    A string longer than ``max_tokens`` tokens could hold is refused before it is tokenized
+    (``rayk.model.tokenizer.text_limit``)."""
     check_cache_salt(cache_salt)
     if isinstance(prompt, str):
         if tokenizer is None:
             raise TypeError(f"{where} is a string, but the model has no tokenizer.json: pass token ids")
-        token_ids = tokenizer.encode(prompt)
+        try:
+            token_ids = tokenizer.encode(prompt, max_tokens=max_tokens)
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
     elif isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)):
         token_ids = list(prompt)
         for token in token_ids:

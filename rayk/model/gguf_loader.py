@@ -15,11 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-import xxhash
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from rayk.model.architecture import DecoderArchitecture
-from rayk.model.file_identity import add_file_samples
 from rayk.model.gguf_dequantize import dequantize
 from rayk.model.gguf_file import TENSOR_TYPES, GGUFFile, GGUFTensor
 
@@ -160,14 +158,6 @@ def dequantize_tensor(reader: GGUFFile, tensor: GGUFTensor) -> torch.Tensor:
     values = torch.empty(tensor.shape, dtype=torch.float32)
     dequantize(reader.raw(tensor), tensor.quant, values)
     return values
-
-
-def gguf_identity(reader: GGUFFile, path: Path) -> str:
-    """File identity plus quant types, so a Q4_1 and an F16 copy of one model differ."""
-    digest = xxhash.xxh3_128(b"gguf:")
-    digest.update(",".join(f"{t.name}={t.quant}" for t in reader.tensors).encode())
-    add_file_samples(digest, path)
-    return digest.hexdigest()
 
 
 def gguf_tokenizer(reader: GGUFFile, path: Path) -> Tokenizer | None:

@@ -47,21 +47,22 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict) -> torc
 class RotaryEmbedding(nn.Module):
     """Rotates the two halves of each head (the Hugging Face "rotate_half" convention).
 
-    ``cos_sin`` looks a step's positions up once; ``rotate`` then serves every layer.
+    ``cos_sin`` computes a step's angles from its positions once; ``rotate`` then serves every
+    layer. No table indexed by position is kept, so memory does not grow with the model's
+    maximum context (a hostile file may claim 10^9 positions); the angles are the same float32
+    products a table would hold.
     """
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict):
+    def __init__(self, head_dim: int, theta: float, scaling: dict):
         super().__init__()
-        inv_freq = rope_inverse_frequencies(head_dim, theta, scaling)
-        # Built on the CPU explicitly, so that a model constructed on the meta device still has them.
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.int64, device="cpu").float(), inv_freq)
-        angles = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        # Built on the CPU explicitly, so that a model constructed on the meta device still has it.
+        self.register_buffer("inv_freq", rope_inverse_frequencies(head_dim, theta, scaling), persistent=False)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """[tokens, 1, head_dim] each, ready to broadcast over heads."""
-        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+        freqs = torch.outer(positions.float(), self.inv_freq)
+        angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

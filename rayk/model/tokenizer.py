@@ -10,13 +10,31 @@ does (a sandboxed environment, ``trim_blocks`` and ``lstrip_blocks``, ``raise_ex
 It decodes a short window of recent ids and emits only what the window adds, holding text back
 while it ends in an incomplete UTF-8 sequence, so a character split over several byte tokens
 (emoji, CJK) comes out whole, and the concatenated pieces equal decoding everything at once.
+
+Text is bounded before the Rust tokenizer sees it (an oversized string makes it abort the whole
+process): at most ``MAX_CHARS_PER_TOKEN`` characters per token of the caller's budget (a request's
+``max_model_len``), and never more than ``MAX_TEXT_CHARS``. A chat template's rendering is bounded
+the same way in length, in ``TEMPLATE_RENDER_SECONDS`` of time, and in the size of what one ``*``
+or ``**`` may build.
 """
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Sequence
 
 from tokenizers import Tokenizer
+
+MAX_CHARS_PER_TOKEN = 32
+"""Characters of text allowed per token of a budget. Generous: English text averages about 4
+characters per token; only text with long runs that merge into single tokens (``'A' * 1000``)
+goes past 32, and that is refused before tokenizing rather than tokenized at any cost."""
+MAX_TEXT_CHARS = 1 << 24
+"""The most characters any text may have, budget or not (16 Mi)."""
+TEMPLATE_RENDER_SECONDS = 2.0
+"""The most wall-clock time one chat template rendering may take."""
+_MAX_POWER_EXPONENT = 1024  # ``a ** b`` in a template: larger exponents of |a| > 1 build huge ints
 
 _REPLACEMENT = "\ufffd"
 _WINDOW = 6  # ids of context kept before the unread ones: enough for byte-level merges to settle
@@ -34,7 +52,12 @@ class TextTokenizer:
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size()
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, max_tokens: int | None = None) -> list[int]:
+        """Token ids of ``text``; a ValueError, before tokenizing, if it is longer than
+        ``max_tokens`` could hold (``text_limit``)."""
+        limit = text_limit(max_tokens)
+        if len(text) > limit:
+            raise ValueError(f"text of {len(text)} characters exceeds {limit} ({_limit_reason(max_tokens)}); refused before tokenizing")
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -43,19 +66,27 @@ class TextTokenizer:
     def token(self, token_id: int | None) -> str | None:
         return None if token_id is None else self.backend.id_to_token(token_id)
 
-    def apply_chat_template(self, conversation: Sequence[dict], add_generation_prompt: bool = True, tokenize: bool = False):
-        """The conversation rendered by the model's template (text, or its ids with ``tokenize``)."""
+    def apply_chat_template(
+        self, conversation: Sequence[dict], add_generation_prompt: bool = True, tokenize: bool = False, max_tokens: int | None = None
+    ):
+        """The conversation rendered by the model's template (text, or its ids with ``tokenize``).
+
+        The rendering is stopped with a ValueError once it exceeds ``text_limit(max_tokens)``
+        characters or ``TEMPLATE_RENDER_SECONDS``."""
         if self.chat_template is None:
             raise ValueError("this model has no chat template (tokenizer.chat_template); pass prompts to generate() instead")
         _check_conversation(conversation)
-        text = self._template().render(
+        text = _render_bounded(
+            self._template(),
+            text_limit(max_tokens),
+            _limit_reason(max_tokens),
             messages=list(conversation),
             add_generation_prompt=add_generation_prompt,
             bos_token=self.token(self.bos_token_id) or "",
             eos_token=self.token(self.eos_token_id) or "",
         )
         # The template writes the special tokens itself, so none are added when encoding.
-        return self.encode(text, add_special_tokens=False) if tokenize else text
+        return self.encode(text, add_special_tokens=False, max_tokens=max_tokens) if tokenize else text
 
     def _template(self):
         if self._compiled_template is None:
@@ -66,10 +97,67 @@ class TextTokenizer:
             def raise_exception(message):
                 raise TemplateError(message)
 
-            environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+            class BoundedSandbox(ImmutableSandboxedEnvironment):
+                """Refuses a ``*`` or ``**`` whose result would be huge, before building it (at
+                render or, for constants, at compile: intercepted operators are not folded)."""
+
+                intercepted_binops = frozenset({"*", "**"})
+
+                def call_binop(self, context, operator, left, right):
+                    if operator == "*":
+                        sequence, count = (left, right) if isinstance(right, int) else (right, left)
+                        if isinstance(sequence, (str, list, tuple)) and isinstance(count, int) and len(sequence) * count > MAX_TEXT_CHARS:
+                            raise ValueError(f"chat template repeats a sequence of {len(sequence)} items {count} times, over {MAX_TEXT_CHARS}")
+                    elif isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > _MAX_POWER_EXPONENT:
+                        raise ValueError(f"chat template raises {left} to the power {right}; exponents above {_MAX_POWER_EXPONENT} are refused")
+                    return super().call_binop(context, operator, left, right)
+
+            environment = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
             environment.globals["raise_exception"] = raise_exception
             self._compiled_template = environment.from_string(self.chat_template)
         return self._compiled_template
+
+
+def text_limit(max_tokens: int | None) -> int:
+    """The most characters of text a budget of ``max_tokens`` tokens admits (None: no budget)."""
+    if max_tokens is None:
+        return MAX_TEXT_CHARS
+    return min(MAX_CHARS_PER_TOKEN * max_tokens, MAX_TEXT_CHARS)
+
+
+def _limit_reason(max_tokens: int | None) -> str:
+    if max_tokens is None or MAX_CHARS_PER_TOKEN * max_tokens > MAX_TEXT_CHARS:
+        return "the most text rayk tokenizes"
+    return f"{MAX_CHARS_PER_TOKEN} characters per token of {max_tokens} tokens"
+
+
+def _render_bounded(template, limit: int, reason: str, **context) -> str:
+    """``template`` rendered with ``context``, stopped with a ValueError past ``limit`` characters
+    or ``TEMPLATE_RENDER_SECONDS``. The time is checked on every line the compiled template runs
+    (a trace on its own frames only), so loops that print nothing are stopped too. A tracer set
+    before (a debugger, coverage) is paused for the rendering and restored after it."""
+    deadline = time.monotonic() + TEMPLATE_RENDER_SECONDS
+
+    def trace_line(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise ValueError(f"chat template rendering ran over {TEMPLATE_RENDER_SECONDS} s; refused")
+        return trace_line
+
+    def trace_call(frame, event, arg):
+        return trace_line if frame.f_code.co_filename == "<template>" else None
+
+    previous = sys.gettrace()
+    sys.settrace(trace_call)
+    try:
+        pieces, length = [], 0
+        for piece in template.generate(**context):
+            length += len(piece)
+            if length > limit:
+                raise ValueError(f"chat template rendering exceeds {limit} characters ({reason}); refused")
+            pieces.append(piece)
+    finally:
+        sys.settrace(previous)
+    return "".join(pieces)
 
 
 def _check_conversation(conversation) -> None:
