@@ -392,7 +392,7 @@ def _as_model_input(cluster, prompt, raw: bool) -> str | list[int]:
     if isinstance(prompt, list):
         if not has_template:
             raise CommandError("a prompt gives messages, but this model has no chat template")
-        return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+        return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, max_tokens=cluster.max_model_len)
     if raw or not has_template:
         return prompt
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, max_tokens=cluster.max_model_len)

@@ -334,7 +334,7 @@ class Cluster:
         """Replies to one conversation or a list of them (see ``rayk.LLM.chat``)."""
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer, so no chat template; pass token ids to generate()")
-        prompts = render_conversations(self.tokenizer, messages, add_generation_prompt)
+        prompts = render_conversations(self.tokenizer, messages, add_generation_prompt, self.max_model_len)
         return self.generate(prompts, sampling_params, cache_salt=cache_salt, tenant=tenant, worker=worker, routing=routing, pull=pull)
 
     def _prepare(self, prompts, sampling_params, cache_salt, worker, routing, pull=None) -> list[_Request]:

@@ -87,7 +87,7 @@ def run_demo(
 def _render(cluster: Cluster, messages: list[dict]) -> list[int]:
     if cluster.tokenizer is None or cluster.tokenizer.chat_template is None:
         raise ValueError("the demo needs a model with a tokenizer and a chat template")
-    return cluster.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return cluster.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, max_tokens=cluster.max_model_len)
 
 
 def _report(answered: list[tuple], stats: dict, out: Callable[[str], None]) -> dict:

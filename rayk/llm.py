@@ -105,7 +105,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generates replies: ``messages`` is one conversation (a list of {"role", "content"}
         dicts) or a list of them, rendered with the model's chat template."""
-        prompts = render_conversations(self.get_tokenizer(), messages, add_generation_prompt)
+        prompts = render_conversations(self.get_tokenizer(), messages, add_generation_prompt, self._engine.max_model_len)
         return self.generate(prompts, sampling_params, cache_salt=cache_salt)
 
     def get_tokenizer(self) -> TextTokenizer:
@@ -189,14 +189,15 @@ class LLM:
         self._engine.close()
 
 
-def render_conversations(tokenizer: TextTokenizer, messages, add_generation_prompt: bool) -> list[list[int]]:
+def render_conversations(tokenizer: TextTokenizer, messages, add_generation_prompt: bool, max_tokens: int) -> list[list[int]]:
     """The token ids of one conversation (a list of {"role", "content"} dicts) or of a list of
-    them, rendered with the model's chat template."""
+    them, rendered with the model's chat template; a rendering longer than ``max_tokens`` tokens
+    could fill (``max_model_len``) is stopped before it is tokenized."""
     one = isinstance(messages, Sequence) and bool(messages) and isinstance(messages[0], dict)
     conversations = [messages] if one else messages
     if isinstance(conversations, (str, bytes)) or not isinstance(conversations, Sequence) or not conversations:
         raise TypeError("messages must be a conversation (a list of {'role', 'content'} dicts) or a non-empty list of them")
-    return [tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt, tokenize=True) for c in conversations]
+    return [tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt, tokenize=True, max_tokens=max_tokens) for c in conversations]
 
 
 def target_keys(target, hash_prompt: Callable[[str | Sequence[int]], list[bytes]]) -> list[bytes]:

@@ -66,6 +66,14 @@ def test_a_runaway_chat_template_is_stopped_in_bounded_time(tiny_llama_dir, temp
     assert time.perf_counter() - start < TEMPLATE_RENDER_SECONDS + 1.0
 
 
+def test_chat_renders_within_the_models_token_budget(tiny_chat_dir):
+    llm = rayk.LLM(str(tiny_chat_dir), max_model_len=MAX_MODEL_LEN)
+    long = [{"role": "user", "content": "x" * (MAX_CHARS_PER_TOKEN * MAX_MODEL_LEN + 1)}]
+    with pytest.raises(ValueError, match=rf"32 characters per token of {MAX_MODEL_LEN} tokens"):
+        llm.chat(long)
+    assert llm.chat([{"role": "user", "content": "hi"}], rayk.SamplingParams(max_tokens=2))[0].finish_reason == "length"
+
+
 def test_a_rendering_is_bounded_by_the_callers_token_budget(tiny_llama_dir):
     tokenizer = _tokenizer(tiny_llama_dir, "{% for m in messages %}{{ m.content }}{% endfor %}")
     long = [{"role": "user", "content": "x" * (MAX_CHARS_PER_TOKEN * 16 + 1)}]
