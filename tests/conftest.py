@@ -123,6 +123,21 @@ def hf_greedy(model_dir, prompts: list[list[int]], max_new_tokens: int) -> list[
     return outputs
 
 
+def chain_records(num_blocks: int):
+    """``num_blocks`` records of one prefix chain (4 tokens a block, made-up keys) and their KV in
+    a 1-layer, 1-head, 8-dim layout (block i filled with i): blocks for a disk tier under test."""
+    from rayk.cache.block_pool import BlockRecord
+    from rayk.hashing import token_bytes
+
+    records, parent = [], bytes(16)
+    for i in range(num_blocks):
+        key = bytes([i + 1]) * 16
+        records.append(BlockRecord(i, key, parent, i, token_bytes([4 * i + j for j in range(4)])))
+        parent = key
+    blocks = torch.arange(num_blocks, dtype=torch.float32).view(1, 1, num_blocks, 1, 1, 1).expand(2, 1, num_blocks, 4, 1, 8).contiguous()
+    return records, blocks
+
+
 def random_prompts(lengths, seed: int) -> list[list[int]]:
     generator = torch.Generator().manual_seed(seed)
     return [torch.randint(0, VOCAB_SIZE, (n,), generator=generator).tolist() for n in lengths]

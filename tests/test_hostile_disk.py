@@ -25,7 +25,7 @@ from rayk.cache.disk_tier import SUFFIX, DiskTier
 from rayk.cache.paged_kv import KVLayout
 from rayk.cache.policies import make_policy
 from rayk.hashing import BlockHasher, token_bytes
-from tests.conftest import BLOCK_SIZE, random_prompts
+from tests.conftest import BLOCK_SIZE, chain_records, random_prompts
 
 LAYOUT = KVLayout(1, 4, 1, 8, torch.float32)
 FINGERPRINT = bytes(32)
@@ -35,17 +35,6 @@ TEMPORARY = "." + "cd" * 12 + ".tmp"  # named as rayk names its temporary files
 
 def _tier(directory, **options) -> DiskTier:
     return DiskTier(directory, LAYOUT, FINGERPRINT, 1 << 20, make_policy("lru"), **options)
-
-
-def _chain(num_blocks: int, fill=None):
-    """``num_blocks`` records of one prefix chain and their KV (block i filled with i)."""
-    records, parent = [], bytes(16)
-    for i in range(num_blocks):
-        key = bytes([i + 1]) * 16
-        records.append(BlockRecord(i, key, parent, i, token_bytes([4 * i + j for j in range(4)])))
-        parent = key
-    blocks = torch.arange(num_blocks, dtype=torch.float32).view(1, 1, num_blocks, 1, 1, 1).expand(2, 1, num_blocks, 4, 1, 8).contiguous()
-    return records, blocks
 
 
 class _Hung(BaseException):
@@ -83,7 +72,7 @@ def test_a_planted_link_is_never_written_through_renamed_over_or_deleted(tmp_pat
     # A link at the name the writer will pick for its temporary file: the exclusive create refuses it.
     monkeypatch.setattr(disk_tier.secrets, "token_hex", lambda n: "cd" * 12)
     (cache / TEMPORARY).symlink_to(target)
-    records, blocks = _chain(2)
+    records, blocks = chain_records(2)
     tier = _tier(cache)
     tier.store(records[:1], blocks[:, :, :1])
     assert tier.flush()
@@ -101,7 +90,7 @@ def test_a_planted_link_is_never_written_through_renamed_over_or_deleted(tmp_pat
 
 def test_links_at_every_name_rayk_reads_or_deletes_are_skipped_and_left(tmp_path):
     cache = tmp_path / "kv"
-    records, blocks = _chain(1)
+    records, blocks = chain_records(1)
     writer = _tier(cache)
     writer.store(records, blocks)
     writer.close()
@@ -124,7 +113,7 @@ def test_links_at_every_name_rayk_reads_or_deletes_are_skipped_and_left(tmp_path
 
 def test_odd_entries_named_like_cache_files_are_skipped_and_counted(tmp_path):
     cache = tmp_path / "kv"
-    records, blocks = _chain(2)
+    records, blocks = chain_records(2)
     writer = _tier(cache)
     writer.store(records, blocks)
     writer.close()
@@ -145,7 +134,7 @@ def test_odd_entries_named_like_cache_files_are_skipped_and_counted(tmp_path):
 
 def test_a_file_vanishing_while_the_tier_starts_is_skipped(tmp_path, monkeypatch):
     cache = tmp_path / "kv"
-    records, blocks = _chain(1)
+    records, blocks = chain_records(1)
     writer = _tier(cache)
     writer.store(records, blocks)
     writer.close()
@@ -166,7 +155,7 @@ def test_a_file_vanishing_while_the_tier_starts_is_skipped(tmp_path, monkeypatch
 
 def test_a_fifo_swapped_in_during_a_run_is_a_miss_not_a_hang(tmp_path):
     cache = tmp_path / "kv"
-    records, blocks = _chain(2)
+    records, blocks = chain_records(2)
     tier = _tier(cache)
     tier.store(records, blocks)
     assert tier.flush()
@@ -181,7 +170,7 @@ def test_a_fifo_swapped_in_during_a_run_is_a_miss_not_a_hang(tmp_path):
 
 def test_rayk_deletes_only_temporary_files_it_wrote(tmp_path):
     cache = tmp_path / "kv"
-    records, blocks = _chain(1)
+    records, blocks = chain_records(1)
     tier = _tier(cache)
     tier.store(records, blocks)
     tier.close()
@@ -208,7 +197,7 @@ def test_rayk_deletes_only_temporary_files_it_wrote(tmp_path):
 
 
 def test_a_block_holding_non_finite_values_is_never_served(tmp_path):
-    records, blocks = _chain(3)
+    records, blocks = chain_records(3)
     blocks[:, :, 1, 2, 0, 5] = float("nan")
     blocks[:, :, 2, 0, 0, 0] = float("inf")
     tier = _tier(tmp_path)
@@ -226,7 +215,7 @@ def test_a_block_holding_non_finite_values_is_never_served(tmp_path):
 
 
 def _header_bytes(**changes) -> bytes:
-    records, blocks = _chain(1)
+    records, blocks = chain_records(1)
     buffer = bytes(encode(records, blocks, FINGERPRINT, LAYOUT))
     length = int.from_bytes(buffer[len(MAGIC) : PREFIX_BYTES], "little")
     header = msgpack.unpackb(buffer[PREFIX_BYTES : PREFIX_BYTES + length])
@@ -277,7 +266,7 @@ def test_a_sparse_file_claiming_a_huge_header_is_refused_in_bounded_time_and_mem
 
 def test_a_dead_disk_logs_one_traceback_and_reports_degraded(tmp_path, caplog):
     cache = tmp_path / "kv"
-    records, blocks = _chain(4)
+    records, blocks = chain_records(4)
     tier = _tier(cache)
     shutil.rmtree(cache)  # every write now fails
     with caplog.at_level(logging.DEBUG, logger="rayk.cache.disk_tier"):
@@ -294,8 +283,8 @@ def test_a_dead_disk_logs_one_traceback_and_reports_degraded(tmp_path, caplog):
 
 
 def _hashed_chain(hasher: BlockHasher, num_blocks: int):
-    """``_chain``'s blocks under the keys ``hasher`` gives their tokens."""
-    records, blocks = _chain(num_blocks)
+    """``chain_records``' blocks under the keys ``hasher`` gives their tokens."""
+    records, blocks = chain_records(num_blocks)
     keys = hasher.hash_blocks(range(4 * num_blocks))
     parents = [hasher.root(), *keys[:-1]]
     return [BlockRecord(r.block, k, p, r.depth, r.tokens) for r, k, p in zip(records, keys, parents)], blocks

@@ -14,7 +14,7 @@ import rayk
 from rayk.cache.block_codec import MAGIC
 from rayk.cache.disk_tier import SUFFIX
 from rayk.cache.transfer import CopyEngine
-from tests.conftest import BLOCK_SIZE, hf_greedy, random_prompts
+from tests.conftest import BLOCK_SIZE, chain_records, hf_greedy, random_prompts
 
 MAX_NEW = 6
 GREEDY = rayk.SamplingParams(temperature=0, max_tokens=MAX_NEW)
@@ -215,22 +215,8 @@ def _small_disk_tier(directory, **options):
     return DiskTier(directory, KVLayout(1, 4, 1, 8, torch.float32), bytes(32), 1 << 20, make_policy("lru"), **options)
 
 
-def _chain_records(num_blocks: int):
-    """``num_blocks`` records of one prefix chain, and their KV (block i filled with i)."""
-    from rayk.cache.block_pool import BlockRecord
-    from rayk.hashing import token_bytes
-
-    records, parent = [], bytes(16)
-    for i in range(num_blocks):
-        key = bytes([i + 1]) * 16
-        records.append(BlockRecord(i, key, parent, i, token_bytes([4 * i + j for j in range(4)])))
-        parent = key
-    blocks = torch.arange(num_blocks, dtype=torch.float32).view(1, 1, num_blocks, 1, 1, 1).expand(2, 1, num_blocks, 4, 1, 8).contiguous()
-    return records, blocks
-
-
 def test_a_block_filed_under_another_blocks_key_is_refused_and_its_segment_dropped(tmp_path):
-    records, blocks = _chain_records(2)
+    records, blocks = chain_records(2)
     tier = _small_disk_tier(tmp_path)
     tier.store(records, blocks)
     tier.close()
@@ -261,7 +247,7 @@ def _fail_writes(tier, error: OSError):
 def test_a_full_disk_marks_the_tier_degraded_until_a_write_lands_again(tmp_path):
     import errno
 
-    records, blocks = _chain_records(4)
+    records, blocks = chain_records(4)
     tier = _small_disk_tier(tmp_path)
     _fail_writes(tier, OSError(errno.ENOSPC, "No space left on device"))
     tier.store(records[:2], blocks[:, :, :2])
@@ -281,7 +267,7 @@ def test_a_full_disk_marks_the_tier_degraded_until_a_write_lands_again(tmp_path)
 def test_a_hung_write_is_bounded_and_what_it_lands_after_a_clear_is_not_indexed(tmp_path):
     import threading
 
-    records, blocks = _chain_records(3)
+    records, blocks = chain_records(3)
     tier = _small_disk_tier(tmp_path, write_timeout_s=0.3)
     gate, entered = threading.Event(), threading.Event()
     real_write = tier._write_file
