@@ -188,9 +188,13 @@ class CacheMachine(RuleBasedStateMachine):
     def pull(self, source, prefix, suffix, damage):
         target = NAMES[1 - NAMES.index(source)]
         engine = self.llms[target].engine
-        buffer, held = self.llms[source].engine.cache.chain.export(self._keys(source, prefix, suffix))
-        if held == 0:
-            return
+        keys = self._keys(source, prefix, suffix)
+        buffer, held = self.llms[source].engine.cache.chain.export(keys)
+        if held == 0:  # the source computes the prompt first, so that every pull has blocks to move
+            self._run(source, prefix, suffix)
+            buffer, held = self.llms[source].engine.cache.chain.export(keys)
+            if held == 0:
+                return
         RULES_RUN[f"pull with {damage or 'no'} damage"] += 1
         payload = bytearray(buffer.tobytes())
         if damage == "flip":
@@ -225,7 +229,8 @@ class CacheMachine(RuleBasedStateMachine):
     @rule(name=names)
     @counted
     def failing_disk_write(self, name):
-        """The disk directory vanishes under the tier: writes to it fail; serving goes on."""
+        """The disk directory vanishes under the tier: it is made anew by the next write, and
+        serving goes on."""
         disk = self.llms[name].engine.cache.disk
         if disk is not None:
             shutil.rmtree(disk.directory, ignore_errors=True)
