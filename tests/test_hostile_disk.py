@@ -21,7 +21,7 @@ import rayk
 from rayk.cache import disk_tier
 from rayk.cache.block_codec import MAGIC, PREFIX_BYTES, BlockBatchError, decode, encode, read_header
 from rayk.cache.block_pool import BlockRecord
-from rayk.cache.disk_tier import SUFFIX, DiskTier
+from rayk.cache.disk_tier import SEGMENT_DIR_PREFIX, SUFFIX, DiskTier, segment_dir_name
 from rayk.cache.paged_kv import KVLayout
 from rayk.cache.policies import make_policy
 from rayk.hashing import BlockHasher, token_bytes
@@ -35,6 +35,11 @@ TEMPORARY = "." + "cd" * 12 + ".tmp"  # named as rayk names its temporary files
 
 def _tier(directory, **options) -> DiskTier:
     return DiskTier(directory, LAYOUT, FINGERPRINT, 1 << 20, make_policy("lru"), **options)
+
+
+def _segments(directory):
+    """Where ``_tier(directory)`` keeps its segments."""
+    return directory / segment_dir_name(FINGERPRINT, LAYOUT)
 
 
 class _Hung(BaseException):
@@ -67,13 +72,13 @@ def _outside(tmp_path):
 
 def test_a_planted_link_is_never_written_through_renamed_over_or_deleted(tmp_path, monkeypatch):
     target = _outside(tmp_path)
-    cache = tmp_path / "kv"
-    cache.mkdir()
+    cache = _segments(tmp_path / "kv")
+    cache.mkdir(mode=0o700, parents=True)
     # A link at the name the writer will pick for its temporary file: the exclusive create refuses it.
     monkeypatch.setattr(disk_tier.secrets, "token_hex", lambda n: "cd" * 12)
     (cache / TEMPORARY).symlink_to(target)
     records, blocks = chain_records(2)
-    tier = _tier(cache)
+    tier = _tier(tmp_path / "kv")
     tier.store(records[:1], blocks[:, :, :1])
     assert tier.flush()
     assert tier.num_write_errors == 1 and len(tier) == 0
@@ -88,10 +93,40 @@ def test_a_planted_link_is_never_written_through_renamed_over_or_deleted(tmp_pat
     assert target.read_bytes() == b"precious"
 
 
+@pytest.mark.parametrize("plant", ["link", "file", "writable by others", "another user's"])
+def test_a_segment_dir_that_is_not_rayks_is_never_used(tmp_path, plant):
+    """Planted where rayk keeps its segments: nothing is read, written or deleted through it; the
+    tier holds nothing, says why in ``health()``, and the engine above it goes on."""
+    target = _outside(tmp_path)
+    cache = _segments(tmp_path / "kv")
+    cache.parent.mkdir()
+    if plant == "link":
+        cache.symlink_to(target.parent)
+    elif plant == "file":
+        cache.write_bytes(b"not a directory")
+    else:
+        cache.mkdir()
+        if plant == "writable by others":
+            cache.chmod(0o777)
+        elif os.geteuid() == 0:
+            os.chown(cache, 12345, 12345)
+        else:
+            pytest.skip("giving a directory to another user needs root")
+    before = sorted(target.parent.iterdir())
+    records, blocks = chain_records(2)
+    tier = _tier(tmp_path / "kv")
+    tier.store(records, blocks)
+    assert tier.flush() and len(tier) == 0 and tier.health()["dropped_blocks"] == 2
+    health = tier.health()
+    assert health["degraded"] and str(cache) in health["degraded_reason"] and "holds nothing" in health["degraded_reason"]
+    tier.close()
+    assert sorted(target.parent.iterdir()) == before and target.read_bytes() == b"precious"
+
+
 def test_links_at_every_name_rayk_reads_or_deletes_are_skipped_and_left(tmp_path):
-    cache = tmp_path / "kv"
+    root, cache = tmp_path / "kv", _segments(tmp_path / "kv")
     records, blocks = chain_records(1)
-    writer = _tier(cache)
+    writer = _tier(root)
     writer.store(records, blocks)
     writer.close()
     [segment] = cache.glob("*" + SUFFIX)
@@ -105,16 +140,16 @@ def test_links_at_every_name_rayk_reads_or_deletes_are_skipped_and_left(tmp_path
     for name, target in [(segment.name, real), (TEMPORARY, stale), ("seg-" + "ee" * 12 + SUFFIX, outside / "missing")]:
         (cache / name).symlink_to(target)
     for options, skipped in (({}, 3), ({"read_only": True}, 2)):  # a reader never looks at temporaries
-        tier = _tier(cache, **options)
+        tier = _tier(root, **options)
         assert len(tier) == 0 and tier.num_skipped == skipped and tier.health()["skipped_entries"] == skipped
         tier.close()
     assert real.exists() and stale.exists() and all((cache / n).is_symlink() for n in (segment.name, TEMPORARY))
 
 
 def test_odd_entries_named_like_cache_files_are_skipped_and_counted(tmp_path):
-    cache = tmp_path / "kv"
+    root, cache = tmp_path / "kv", _segments(tmp_path / "kv")
     records, blocks = chain_records(2)
-    writer = _tier(cache)
+    writer = _tier(root)
     writer.store(records, blocks)
     writer.close()
     (cache / SEGMENT).mkdir()
@@ -125,7 +160,7 @@ def test_odd_entries_named_like_cache_files_are_skipped_and_counted(tmp_path):
     os.utime(cache / ("." + "ff" * 12 + ".tmp"), (0, 0))
     for options, skipped in (({}, 4), ({"read_only": True}, 2)):  # a reader never looks at temporaries
         with _deadline(10):
-            tier = _tier(cache, **options)
+            tier = _tier(root, **options)
         assert tier.num_skipped == skipped and len(tier) == 2
         assert torch.equal(tier.read(records[1].key, records[1].parent, records[1].tokens), blocks[:, :, 1:2])
         tier.close()
@@ -133,12 +168,11 @@ def test_odd_entries_named_like_cache_files_are_skipped_and_counted(tmp_path):
 
 
 def test_a_file_vanishing_while_the_tier_starts_is_skipped(tmp_path, monkeypatch):
-    cache = tmp_path / "kv"
     records, blocks = chain_records(1)
-    writer = _tier(cache)
+    writer = _tier(tmp_path / "kv")
     writer.store(records, blocks)
     writer.close()
-    doomed = cache / SEGMENT
+    doomed = _segments(tmp_path / "kv") / SEGMENT
     doomed.write_bytes(b"another engine is about to remove this")
     listdir = os.listdir
 
@@ -148,18 +182,17 @@ def test_a_file_vanishing_while_the_tier_starts_is_skipped(tmp_path, monkeypatch
         return names
 
     monkeypatch.setattr(disk_tier.os, "listdir", list_then_lose)
-    tier = _tier(cache)
+    tier = _tier(tmp_path / "kv")
     assert tier.num_skipped == 1 and len(tier) == 1
     tier.close()
 
 
 def test_a_fifo_swapped_in_during_a_run_is_a_miss_not_a_hang(tmp_path):
-    cache = tmp_path / "kv"
     records, blocks = chain_records(2)
-    tier = _tier(cache)
+    tier = _tier(tmp_path / "kv")
     tier.store(records, blocks)
     assert tier.flush()
-    [segment] = cache.glob("*" + SUFFIX)
+    [segment] = tier.segment_dir.glob("*" + SUFFIX)
     segment.unlink()
     os.mkfifo(segment)
     with _deadline(10):
@@ -169,9 +202,9 @@ def test_a_fifo_swapped_in_during_a_run_is_a_miss_not_a_hang(tmp_path):
 
 
 def test_rayk_deletes_only_temporary_files_it_wrote(tmp_path):
-    cache = tmp_path / "kv"
+    root, cache = tmp_path / "kv", _segments(tmp_path / "kv")
     records, blocks = chain_records(1)
-    tier = _tier(cache)
+    tier = _tier(root)
     tier.store(records, blocks)
     tier.close()
     stale_ours = cache / ("." + "22" * 12 + ".tmp")
@@ -188,12 +221,19 @@ def test_rayk_deletes_only_temporary_files_it_wrote(tmp_path):
         (cache / name).write_bytes(data)
     for path in [stale_ours, *(cache / name for name in foreign)]:
         os.utime(path, (0, 0))  # all long stale
-    tier = _tier(cache)
+    # At the top of disk_dir nothing is rayk's, not even files named and made as rayk makes them.
+    [segment] = cache.glob("*" + SUFFIX)
+    users = {"notes.tmp": b"my notes", "backup.kvb": b"my backup", segment.name: segment.read_bytes(), stale_ours.name: stale_ours.read_bytes()}
+    for name, data in users.items():
+        (root / name).write_bytes(data)
+        os.utime(root / name, (0, 0))
+    tier = _tier(root)
     assert len(tier) == 1
     tier.clear()
     tier.close()
     assert not stale_ours.exists() and fresh_ours.exists()
     assert {name: (cache / name).read_bytes() for name in foreign} == foreign
+    assert {name: (root / name).read_bytes() for name in users} == users
 
 
 def test_a_block_holding_non_finite_values_is_never_served(tmp_path):
@@ -248,15 +288,15 @@ def _max_rss_bytes() -> int:
 
 
 def test_a_sparse_file_claiming_a_huge_header_is_refused_in_bounded_time_and_memory(tmp_path):
-    cache = tmp_path / "kv"
-    cache.mkdir()
+    cache = _segments(tmp_path / "kv")
+    cache.mkdir(mode=0o700, parents=True)
     bomb = cache / SEGMENT
     with bomb.open("wb") as f:
         f.write(MAGIC + (0xFFFFFFFF).to_bytes(4, "little"))  # a 4 GiB header
         f.truncate(5 << 30)  # sparse: 5 GiB claimed, a few KiB on disk
     before, started = _max_rss_bytes(), time.monotonic()
     for options in ({"read_only": True}, {}):
-        tier = _tier(cache, **options)
+        tier = _tier(tmp_path / "kv", **options)
         assert len(tier) == 0
         tier.close()
     assert time.monotonic() - started < 2.0
@@ -268,7 +308,8 @@ def test_a_dead_disk_logs_one_traceback_and_reports_degraded(tmp_path, caplog):
     cache = tmp_path / "kv"
     records, blocks = chain_records(4)
     tier = _tier(cache)
-    shutil.rmtree(cache)  # every write now fails
+    shutil.rmtree(cache)
+    cache.write_text("")  # a file where the directory was: every write now fails
     with caplog.at_level(logging.DEBUG, logger="rayk.cache.disk_tier"):
         for i in range(4):
             tier.store(records[i : i + 1], blocks[:, :, i : i + 1])
@@ -276,7 +317,7 @@ def test_a_dead_disk_logs_one_traceback_and_reports_degraded(tmp_path, caplog):
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert tier.num_write_errors == 4 and len(errors) == 1 and errors[0].exc_info is not None
     assert tier.health()["degraded"] and "write failed" in tier.health()["degraded_reason"]
-    cache.mkdir()  # the disk is back: the next failure is reported in full again
+    cache.unlink()  # the disk is back (the next write makes the directory anew)
     tier.store(records[:1], blocks[:, :, :1])
     assert tier.flush() and len(tier) == 1 and not tier.health()["degraded"]
     tier.close()
@@ -303,7 +344,7 @@ def test_a_block_filed_under_a_key_its_tokens_do_not_hash_to_is_refused(tmp_path
     assert len(reader) == 0 and reader.num_foreign == 1
     assert len(_tier(forged, read_only=True)) == 2  # without a hasher the forgery would be indexed
     tier = _tier(forged, hasher=hasher)
-    assert len(tier) == 0 and tier.num_rejected == 1 and not list(forged.glob("*" + SUFFIX))
+    assert len(tier) == 0 and tier.num_rejected == 1 and not list(_segments(forged).glob("*" + SUFFIX))
     tier.close()
 
 
@@ -316,16 +357,17 @@ def test_a_hostile_snapshot_loads_what_is_sound_and_never_hangs(tiny_llama_dir, 
     saved = first.save_cache(str(snapshot))
     first.close()
     assert saved >= 2
-    os.mkfifo(snapshot / SEGMENT)  # a FIFO, a dangling link and a directory named like segments
-    (snapshot / ("seg-" + "ee" * 12 + SUFFIX)).symlink_to(tmp_path / "missing")
-    (snapshot / ("seg-" + "dd" * 12 + SUFFIX)).mkdir()
+    [segments] = [p for p in snapshot.iterdir() if p.name.startswith(SEGMENT_DIR_PREFIX)]
+    os.mkfifo(segments / SEGMENT)  # a FIFO, a dangling link and a directory named like segments
+    (segments / ("seg-" + "ee" * 12 + SUFFIX)).symlink_to(tmp_path / "missing")
+    (segments / ("seg-" + "dd" * 12 + SUFFIX)).mkdir()
     second = rayk.LLM(tiny_llama_dir, block_size=BLOCK_SIZE)
     try:
         with _deadline(30):
             assert second.load_cache(str(snapshot)) == saved
         [output] = second.generate(prompt, greedy)
         assert output.token_ids == expected.token_ids and output.num_cached_tokens > 0
-        [segment] = [p for p in snapshot.glob("*" + SUFFIX) if p.is_file() and not p.is_symlink() and p.stat().st_size]
+        [segment] = [p for p in segments.glob("*" + SUFFIX) if p.is_file() and not p.is_symlink() and p.stat().st_size]
         data = segment.read_bytes()
         length = int.from_bytes(data[len(MAGIC) : PREFIX_BYTES], "little")
         header = msgpack.unpackb(data[PREFIX_BYTES : PREFIX_BYTES + length])

@@ -170,19 +170,20 @@ def test_a_pickle_planted_in_the_disk_tier_is_refused_and_never_runs(tmp_path, t
     [expected] = hf_greedy(tiny_llama_dir, [prompt], GREEDY.max_tokens)
     first = rayk.LLM(str(tiny_llama_dir), block_size=BLOCK_SIZE, num_device_blocks=32, disk_dir=str(disk_dir))
     first.generate(prompt, GREEDY)
+    segment_dir = first.engine.disk.segment_dir
     first.close()  # persists the prompt's blocks as segment files
-    segments = sorted(disk_dir.glob("*.kvb"))
+    segments = sorted(segment_dir.glob("*.kvb"))
     assert segments
     payload = _malicious_pickle(marker)
     for segment in segments:
         segment.write_bytes(payload)  # a pickle under a real segment's name
-    (disk_dir / "planted.kvb").write_bytes(payload)  # and as a new segment file
+    (segment_dir / "planted.kvb").write_bytes(payload)  # and as a new segment file
 
     second = rayk.LLM(str(tiny_llama_dir), block_size=BLOCK_SIZE, num_device_blocks=32, disk_dir=str(disk_dir))
     try:
         disk = second.stats()["disk_tier"]
         assert disk["rejected"] == len(segments) + 1 and disk["cached_blocks"] == 0
-        assert sorted(disk_dir.glob("*.kvb")) == []  # refused files are deleted
+        assert sorted(segment_dir.glob("*.kvb")) == []  # refused files in rayk's own directory are deleted
         [output] = second.generate(prompt, GREEDY)
         assert output.token_ids == expected and output.num_cached_tokens == 0
     finally:

@@ -93,8 +93,9 @@ def test_damaged_or_foreign_segments_are_rejected_counted_and_recomputed(tiny_ll
     first = _tiered_llm(tiny_llama_dir, tmp_path / "kv")
     _run_one_by_one(first, prompts)
     read_back = first.engine.block_hashes(prompts[0])[0]
+    segment_dir = first.engine.disk.segment_dir
     first.close()
-    files = sorted((tmp_path / "kv").glob("*" + SUFFIX))
+    files = sorted(segment_dir.glob("*" + SUFFIX))
     assert len(files) >= 4
     flipped, start, end = _segment_holding(files, read_back)
     truncated, foreign_model, foreign_block_size = [f for f in files if f != flipped][:3]
@@ -152,11 +153,12 @@ def test_a_failing_disk_write_is_counted_and_the_writer_keeps_going(tiny_llama_d
     import shutil
 
     llm = rayk.LLM(tiny_llama_dir, block_size=BLOCK_SIZE, num_device_blocks=8, disk_dir=str(tmp_path / "kv"), max_num_seqs=1)
-    shutil.rmtree(tmp_path / "kv")  # every write now fails
+    shutil.rmtree(tmp_path / "kv")
+    (tmp_path / "kv").write_text("")  # a file where the directory was: every write now fails
     _run_one_by_one(llm, prompts)
     llm.engine.disk.flush()
-    assert llm.engine.disk.num_write_errors > 0
-    (tmp_path / "kv").mkdir()
+    assert llm.engine.disk.num_write_errors > 0 and llm.stats()["disk_tier"]["stored_blocks"] == 0
+    (tmp_path / "kv").unlink()  # the directory is made anew by the next write
     _run_one_by_one(llm, prompts)
     llm.engine.disk.flush()
     assert llm.stats()["disk_tier"]["stored_blocks"] > 0
@@ -220,7 +222,7 @@ def test_a_block_filed_under_another_blocks_key_is_refused_and_its_segment_dropp
     tier = _small_disk_tier(tmp_path)
     tier.store(records, blocks)
     tier.close()
-    [segment] = tmp_path.glob("*" + SUFFIX)
+    [segment] = tier.segment_dir.glob("*" + SUFFIX)
     data = segment.read_bytes()
     length = int.from_bytes(data[len(MAGIC) : len(MAGIC) + 4], "little")
     entries = msgpack.unpackb(data[len(MAGIC) + 4 : len(MAGIC) + 4 + length])["blocks"]
@@ -238,7 +240,7 @@ def test_a_block_filed_under_another_blocks_key_is_refused_and_its_segment_dropp
 
 
 def _fail_writes(tier, error: OSError):
-    def write_file(temporary, buffer):
+    def write_file(*args):
         raise error
 
     tier._write_file = write_file
@@ -255,7 +257,7 @@ def test_a_full_disk_marks_the_tier_degraded_until_a_write_lands_again(tmp_path)
     health = tier.health()
     assert health["degraded"] and "No space left on device" in health["degraded_reason"]
     assert health["no_space_errors"] == health["write_errors"] == 1 and len(tier) == 0
-    assert not list(tmp_path.glob(".*.tmp"))  # nothing half-written is left behind
+    assert not list(tier.segment_dir.glob(".*.tmp"))  # nothing half-written is left behind
     del tier._write_file  # the disk has room again
     tier.store(records[2:], blocks[:, :, 2:])
     assert tier.flush()
@@ -272,10 +274,10 @@ def test_a_hung_write_is_bounded_and_what_it_lands_after_a_clear_is_not_indexed(
     gate, entered = threading.Event(), threading.Event()
     real_write = tier._write_file
 
-    def hung_write(temporary, buffer):
+    def hung_write(*args):
         entered.set()
         gate.wait()
-        real_write(temporary, buffer)
+        real_write(*args)
 
     tier._write_file = hung_write
     tier.store(records[:1], blocks[:, :, :1])
@@ -296,7 +298,7 @@ def test_a_hung_write_is_bounded_and_what_it_lands_after_a_clear_is_not_indexed(
     while tier.health()["degraded"] or tier._pending:
         assert time.monotonic() < deadline, tier.health()
         time.sleep(0.01)
-    assert len(tier) == 0 and not list(tmp_path.glob("*" + SUFFIX))
+    assert len(tier) == 0 and not list(tier.segment_dir.glob("*" + SUFFIX))
     tier.store(records[2:], blocks[:, :, 2:])
     assert tier.flush() and len(tier) == 1 and tier.health()["hung_writes"] == 1
     tier.close()
@@ -310,7 +312,7 @@ def test_a_hung_disk_never_blocks_serving_or_shutdown(tiny_llama_dir, tmp_path, 
     disk = llm.engine.disk
     disk.write_timeout_s = 0.5
     gate = threading.Event()
-    disk._write_file = lambda temporary, buffer: gate.wait()
+    disk._write_file = lambda *args: gate.wait()
     try:
         outputs = _run_one_by_one(llm, prompts)  # demotes blocks to the disk all along
         assert [o.token_ids for o in outputs] == reference

@@ -1,7 +1,8 @@
 """The disk tier: KV blocks in segment files that outlive the process.
 
 Each ``store`` call writes its blocks as *segments* (at most ``SEGMENT_BYTES`` and a quarter of
-the budget each): a file in ``directory`` holding one
+the budget each): a file in the tier's own subdirectory of ``directory``, ``segment_dir``
+(``rayk-kv-<16 hex>``, named by the model's fingerprint and KV layout), holding one
 block batch (``rayk.cache.block_codec``: a msgpack header with every block's key, parent key,
 depth, token ids and checksum, the model fingerprint and layout, then the blocks' payloads back
 to back). Writing many blocks per file is one sequential write instead of a file per block.
@@ -38,9 +39,18 @@ forgets just those, and a segment's file is deleted with its last live block. Th
 byte count and the event buffer are shared with the writer and guarded by one lock.
 
 ``read_only`` opens a directory (a snapshot) without writing or deleting anything in it: files
-that do not belong are counted in ``num_foreign`` and left alone.
+that do not belong are counted in ``num_foreign`` and left alone, and so is the subdirectory of
+another model or layout found where this one's is missing.
 
 Hostile directories. Others may write to the directory, so the tier never trusts what it finds:
+
+* it touches nothing at the top of ``directory`` (a user's ``notes.tmp`` or ``backup.kvb`` there
+  is not rayk's), only ``segment_dir``: created with mode 0700, then opened without following a
+  link and held open, so every file is created, renamed, read and deleted relative to that
+  descriptor and a link or rename swapped in later leads nowhere else. A ``segment_dir`` that
+  is a link, not a directory, another user's, or writable by others is not rayk's: the tier
+  holds nothing and drops what it is given, ``degraded`` saying why, until someone removes it
+  (a read-only tier only needs it to be a directory, not a link: a snapshot may be another's);
 
 * it opens only regular files, and checks that after opening (``O_NONBLOCK | O_NOFOLLOW``, then
   ``fstat``), so a FIFO, device, directory or link under a segment's name (even one swapped in
@@ -48,9 +58,9 @@ Hostile directories. Others may write to the directory, so the tier never trusts
 * an odd entry named like a segment or a temporary file (a link, a directory, a FIFO, a file
   that vanishes while it is read, a file that is not a block batch at all) is skipped, counted
   in ``num_skipped`` and left alone, never fatal;
-* of temporary files it deletes only what it wrote: a stale file named as rayk names them
-  (``.<24 hex>.tmp``) that starts with rayk's magic; any other ``*.tmp`` is left alone (a
-  regular ``*.kvb`` file that is not a segment of this model is deleted, as said above);
+* in ``segment_dir``, which only its user can write to, a regular ``*.kvb`` file that is not a
+  segment of this model is deleted, as said above; of temporary files it deletes only what it
+  wrote: a stale file named as rayk names them (``.<24 hex>.tmp``) that starts with rayk's magic;
 * a block whose KV holds a non-finite value is refused like one that fails its checksum;
 * given the model's ``hasher``, a segment in which any block's key is not the one its parent key
   and token ids hash to is refused whole (deleted, or in a read-only directory counted in
@@ -61,6 +71,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import msgpack
 import os
 import queue
 import re
@@ -74,6 +85,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import xxhash
 
 from rayk.cache import block_codec
 from rayk.cache.block_codec import BlockBatchError
@@ -84,6 +96,7 @@ from rayk.cache.policies import BlockInfo, EvictionPolicy
 from rayk.hashing import BlockHash, BlockHasher
 
 SUFFIX = ".kvb"
+SEGMENT_DIR_PREFIX = "rayk-kv-"
 SEGMENT_BYTES = 64 << 20
 """A store() of more blocks than this holds is written as several segments."""
 WRITE_TIMEOUT_S = 10.0
@@ -92,17 +105,25 @@ _STALE_TEMPORARY_S = 3600.0  # a temporary file this old was left by a crash, no
 _READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 _TEMPORARY_NAME = re.compile(r"\.[0-9a-f]{24}\.tmp")
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+_DIRECTORY_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 logger = logging.getLogger(__name__)
 
 
-def open_regular(path: str | os.PathLike):
-    """``path`` opened for binary reading, if it is a regular file; OSError otherwise.
+def segment_dir_name(fingerprint: bytes, layout: KVLayout) -> str:
+    """The name of the subdirectory that holds the segments of this model and KV layout."""
+    identity = msgpack.packb([fingerprint, sorted(layout.to_metadata().items())], use_bin_type=True)
+    return SEGMENT_DIR_PREFIX + xxhash.xxh3_64_hexdigest(identity)
+
+
+def open_regular(path: str | os.PathLike, dir_fd: int | None = None):
+    """``path`` (relative to the directory ``dir_fd`` when given) opened for binary reading, if it
+    is a regular file; OSError otherwise.
 
     The check is on the open descriptor (``fstat``), so nothing swapped in between a check and the
     open slips through; ``O_NONBLOCK`` makes opening a FIFO return at once instead of waiting for
     a writer, and ``O_NOFOLLOW`` refuses a link."""
-    descriptor = os.open(path, _READ_FLAGS)
+    descriptor = os.open(path, _READ_FLAGS, dir_fd=dir_fd)
     try:
         if not stat.S_ISREG(os.fstat(descriptor).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
@@ -112,9 +133,17 @@ def open_regular(path: str | os.PathLike):
         raise
 
 
+class _SegmentDirRefused(OSError):
+    """``segment_dir`` is not rayk's (a link, not a directory, another user's, writable by
+    others) or could not be made; the message names it and why."""
+
+    def __init__(self, segment_dir: Path, why: str):
+        super().__init__(f"the segment directory {str(segment_dir)!r} {why}")
+
+
 @dataclass(eq=False)
 class _Segment:
-    path: Path
+    name: str  # in segment_dir
     num_bytes: int
     compression: str | None
     live: set = field(default_factory=set)  # keys of the index that point into it
@@ -149,11 +178,10 @@ class DiskTier:
         if isinstance(write_timeout_s, bool) or not isinstance(write_timeout_s, (int, float)) or not write_timeout_s > 0:
             raise ValueError(f"DiskTier.write_timeout_s must be a number of seconds > 0, got {write_timeout_s!r}")
         self.directory = Path(directory)
+        self.segment_dir = self.directory / segment_dir_name(fingerprint, layout)
         self.write_timeout_s = float(write_timeout_s)
         self.read_only = read_only
         self.hasher = hasher
-        if not read_only:
-            self.directory.mkdir(parents=True, exist_ok=True)
         self.layout = layout
         self.compression = "int8" if compress else None
         self.fingerprint = fingerprint
@@ -183,13 +211,22 @@ class DiskTier:
         self._write_started: float | None = None
         self._hung_counted = False  # the current write has been counted as hung
         self._generation = 0  # bumped by clear(): a write queued before it is not indexed
+        # segment_dir, held open; None when absent or not rayk's. The descriptors of earlier
+        # segment_dirs, removed under a running tier, stay open until close(): a reader may hold one.
+        self._dir_fd: int | None = None
+        self._removed_dir_fds: list[int] = []
+        try:
+            self._dir_fd = self._open_segment_dir()
+        except _SegmentDirRefused as error:
+            self._fault = f"{error}: the disk tier holds nothing until it is removed"
+            logger.error("rayk disk tier: %s", self._fault)
         self._rebuild_index()
         if self.num_rejected:
             self._fault = f"{self.num_rejected} damaged segment(s) deleted at start"
         self._queue: queue.Queue = queue.Queue()
         self._closed = read_only
         self._writer = None
-        if not read_only:
+        if self._dir_fd is not None and not read_only:
             self._writer = threading.Thread(target=self._write_loop, name="rayk-disk-writer", daemon=True)
             self._writer.start()
 
@@ -231,7 +268,7 @@ class DiskTier:
             return None
         payload = np.empty(entry.end - entry.start, dtype=np.uint8)  # read into once: no bytes object
         try:
-            with open_regular(entry.segment.path) as f:
+            with open_regular(entry.segment.name, dir_fd=self._directory_fd()) as f:
                 f.seek(entry.start)
                 num_read = f.readinto(payload)
         except OSError:
@@ -261,7 +298,7 @@ class DiskTier:
         fresh = [i for i, record in enumerate(records) if record.key not in self._index]
         if not fresh:
             return
-        if self._hung():  # queued behind a write that may never end, they would only hold memory
+        if self._writer is None or self._hung():  # no directory to write to, or queued behind a write that may never end
             self.num_dropped_blocks += len(fresh)
             return
         data = blocks.cpu()
@@ -358,14 +395,34 @@ class DiskTier:
                 policy.on_insert(BlockInfo(key, entry.depth, entry.end - entry.start))
 
     def close(self) -> None:
-        """Waits for the queued writes, unless one is hung: then the writer (a daemon thread) is
-        left to it, and whatever it lands later is never indexed."""
-        if self._closed:
-            return
+        """Waits for the queued writes and closes ``segment_dir``, unless a write is hung: then the
+        writer (a daemon thread) is left to it, with the directory it writes into still open, and
+        whatever it lands later is never indexed."""
         self._closed = True
-        if self.flush():
+        if self._writer is not None:
+            if not self.flush():
+                return
             self._queue.put(None)
             self._writer.join()
+            self._writer = None
+        for descriptor in [self._dir_fd, *self._removed_dir_fds]:
+            if descriptor is not None:
+                os.close(descriptor)
+        self._dir_fd, self._removed_dir_fds = None, []
+
+    def _directory_fd(self) -> int:
+        """The open ``segment_dir``; OSError once the tier is closed (never a path relative to
+        the working directory)."""
+        if self._dir_fd is None:
+            raise OSError(errno.EBADF, "the disk tier is closed", str(self.segment_dir))
+        return self._dir_fd
+
+    def _unlink(self, name: str) -> None:
+        """Removes ``name`` from ``segment_dir`` (the name itself, never what a link points at)."""
+        try:
+            os.unlink(name, dir_fd=self._directory_fd())
+        except FileNotFoundError:
+            pass
 
     def _write_loop(self) -> None:
         while True:
@@ -406,34 +463,40 @@ class DiskTier:
             return False
         with self._lock:
             self._make_room(len(buffer))
-        name = secrets.token_hex(12)
-        path = self.directory / f"seg-{name}{SUFFIX}"
-        temporary = self.directory / f".{name}.tmp"
-        self._write_file(temporary, buffer)  # a name already taken is left alone: not ours
+        token = secrets.token_hex(12)
+        name, temporary = f"seg-{token}{SUFFIX}", f".{token}.tmp"
+        directory = self._directory_fd()
+        if os.fstat(directory).st_nlink == 0:  # segment_dir was removed: write to a new one
+            fresh = self._open_segment_dir()
+            if fresh is not None:
+                self._removed_dir_fds.append(directory)
+                self._dir_fd = directory = fresh
+        self._write_file(directory, temporary, buffer)  # a name already taken is left alone: not ours
         try:
-            os.replace(temporary, path)  # replaces a link at ``path`` itself, never its target
+            # replaces a link at ``name`` itself, never its target
+            os.replace(temporary, name, src_dir_fd=directory, dst_dir_fd=directory)
         except BaseException:
-            temporary.unlink(missing_ok=True)
+            self._unlink(temporary)
             raise
         header = block_codec.read_header(buffer, self.fingerprint, self.layout)
         with self._lock:
             if generation != self._generation:  # cleared while it was written (a hung write)
-                path.unlink(missing_ok=True)
+                self._unlink(name)
                 return True
-            self._add_segment(path, header, len(buffer))
+            self._add_segment(name, header, len(buffer))
         self.num_stored += len(records)
         return True
 
     @staticmethod
-    def _write_file(temporary: Path, buffer: np.ndarray) -> None:
-        """Writes the segment's bytes to a file created exclusively, never through a link; a
-        file it created and could not fill is removed."""
-        descriptor = os.open(temporary, _WRITE_FLAGS, 0o600)
+    def _write_file(directory: int, temporary: str, buffer: np.ndarray) -> None:
+        """Writes the segment's bytes to a file created exclusively in the open ``directory``,
+        never through a link; a file it created and could not fill is removed."""
+        descriptor = os.open(temporary, _WRITE_FLAGS, 0o600, dir_fd=directory)
         try:
             with os.fdopen(descriptor, "wb") as f:
                 f.write(buffer.data)
         except BaseException:
-            temporary.unlink(missing_ok=True)
+            os.unlink(temporary, dir_fd=directory)
             raise
 
     def _make_room(self, size: int) -> None:
@@ -450,10 +513,10 @@ class DiskTier:
 
     # -- the index ----------------------------------------------------------------------------
 
-    def _add_segment(self, path: Path, header: block_codec.BatchHeader, size: int) -> None:
+    def _add_segment(self, name: str, header: block_codec.BatchHeader, size: int) -> None:
         """Indexes a complete segment's blocks (keys already held elsewhere stay there); a
         segment with no new block is deleted (caller holds the lock)."""
-        segment = _Segment(path, size, header.compression)
+        segment = _Segment(name, size, header.compression)
         for record, checksum in zip(header.records, header.checksums):
             if record.key in self._index:
                 continue
@@ -466,7 +529,7 @@ class DiskTier:
             self.num_bytes += size
             self.num_segments += 1
         elif not self.read_only:
-            path.unlink(missing_ok=True)
+            self._unlink(name)
 
     def _delete(self, key: BlockHash) -> None:
         """Forgets a block, and deletes its segment's file with the last of its blocks (caller
@@ -480,7 +543,7 @@ class DiskTier:
             self.num_bytes -= segment.num_bytes
             self.num_segments -= 1
             if not self.read_only:
-                segment.path.unlink(missing_ok=True)
+                self._unlink(segment.name)
 
     def _reject(self, key: BlockHash, entry: _Entry, reason: str) -> None:
         """Drops the segment of a block that failed its check, unless the block was replaced or
@@ -491,33 +554,74 @@ class DiskTier:
                     self._delete(live)
                 self.num_rejected += 1
                 self._fault = reason
-                logger.warning("rayk disk tier: %s; segment %s deleted", reason, entry.segment.path.name)
+                logger.warning("rayk disk tier: %s; segment %s deleted", reason, entry.segment.name)
+
+    def _open_segment_dir(self) -> int | None:
+        """``segment_dir`` opened (unless read-only, created first); None if a read-only tier
+        finds none (it counts another model's or layout's subdirectories beside it as foreign);
+        ``_SegmentDirRefused`` if it is not rayk's or cannot be made."""
+        if not self.read_only:
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                os.mkdir(self.segment_dir, 0o700)  # never through a link: a link there is EEXIST
+            except FileExistsError:
+                pass
+            except OSError as error:
+                raise _SegmentDirRefused(self.segment_dir, f"could not be created ({error.strerror})") from None
+        try:
+            descriptor = os.open(self.segment_dir, _DIRECTORY_FLAGS)
+        except FileNotFoundError:
+            if self.read_only:
+                self.num_foreign += self._count_other_segment_dirs()
+            return None
+        except OSError as error:  # a link (ELOOP) or not a directory (ENOTDIR)
+            raise _SegmentDirRefused(self.segment_dir, f"is a link or not a directory ({error.strerror})") from None
+        info = os.fstat(descriptor)
+        if not self.read_only and (info.st_uid != os.getuid() or info.st_mode & 0o022):
+            os.close(descriptor)
+            raise _SegmentDirRefused(self.segment_dir, f"belongs to uid {info.st_uid} with mode {stat.filemode(info.st_mode)}, not to this user alone")
+        return descriptor
+
+    def _count_other_segment_dirs(self) -> int:
+        """Segment files in the subdirectories of other models or layouts beside ``segment_dir``."""
+        try:
+            names = [n for n in os.listdir(self.directory) if n.startswith(SEGMENT_DIR_PREFIX)]
+        except OSError:
+            return 0
+        count = 0
+        for name in names:
+            try:
+                descriptor = os.open(self.directory / name, _DIRECTORY_FLAGS)
+            except OSError:
+                continue
+            try:
+                count += sum(entry.endswith(SUFFIX) for entry in os.listdir(descriptor))
+            finally:
+                os.close(descriptor)
+        return count
 
     def _rebuild_index(self) -> None:
-        """Indexes the segments in the directory; skips and counts odd entries; unless read-only,
-        deletes refused regular ``*.kvb`` files and the stale temporaries rayk wrote."""
-        try:
-            names = os.listdir(self.directory)
-        except (FileNotFoundError, NotADirectoryError):
+        """Indexes the segments in ``segment_dir``; skips and counts odd entries; unless
+        read-only, deletes refused regular ``*.kvb`` files and the stale temporaries rayk wrote."""
+        if self._dir_fd is None:
             return
         now = time.time()
-        found = []  # (mtime, path, header, size)
-        for name in names:
-            path = self.directory / name
+        found = []  # (mtime, name, header, size)
+        for name in os.listdir(self._dir_fd):
             if _TEMPORARY_NAME.fullmatch(name):
                 if not self.read_only:
-                    self._remove_stale_temporary(path, now)
+                    self._remove_stale_temporary(name, now)
             elif name.endswith(SUFFIX):
-                found.extend(self._open_segment(path))
-        for _, path, header, size in sorted(found, key=lambda item: item[0]):
-            self._add_segment(path, header, size)
+                found.extend(self._open_segment(name))
+        for _, name, header, size in sorted(found, key=lambda item: item[0]):
+            self._add_segment(name, header, size)
         self.events.drain()
 
-    def _open_segment(self, path: Path) -> list:
-        """``[(mtime, path, header, size)]`` for a segment of this model; ``[]`` otherwise, after
+    def _open_segment(self, name: str) -> list:
+        """``[(mtime, name, header, size)]`` for a segment of this model; ``[]`` otherwise, after
         counting it (and, unless read-only, deleting a regular file that is not one)."""
         try:
-            with open_regular(path) as f:
+            with open_regular(name, dir_fd=self._dir_fd) as f:
                 info = os.fstat(f.fileno())
                 prefix = f.read(block_codec.PREFIX_BYTES)
                 header = self._read_header(f, prefix, info.st_size)
@@ -527,9 +631,9 @@ class DiskTier:
             self.num_skipped += 1
             return []
         if header is not None:
-            return [(info.st_mtime, path, header, info.st_size)]
+            return [(info.st_mtime, name, header, info.st_size)]
         if not self.read_only:
-            path.unlink(missing_ok=True)  # unlink never follows a link: it removes the name
+            self._unlink(name)
             self.num_rejected += 1
         elif prefix.startswith(block_codec.MAGIC):
             self.num_foreign += 1
@@ -549,17 +653,17 @@ class DiskTier:
                 return False
         return True
 
-    def _remove_stale_temporary(self, path: Path, now: float) -> None:
+    def _remove_stale_temporary(self, name: str, now: float) -> None:
         """Deletes a temporary file a crashed writer left (old, and starting with rayk's magic)."""
         try:
-            with open_regular(path) as f:
+            with open_regular(name, dir_fd=self._dir_fd) as f:
                 stale = now - os.fstat(f.fileno()).st_mtime > _STALE_TEMPORARY_S
                 ours = f.read(len(block_codec.MAGIC)) == block_codec.MAGIC
         except OSError:
             self.num_skipped += 1
             return
         if stale and ours:
-            path.unlink(missing_ok=True)
+            self._unlink(name)
 
     def _read_header(self, f, prefix: bytes, size: int) -> block_codec.BatchHeader | None:
         """The checked header of an open segment file whose first bytes are ``prefix``, or None
