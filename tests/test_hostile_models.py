@@ -142,6 +142,7 @@ F32, U32, STR, ARR = gguf.GGUFValueType.FLOAT32, gguf.GGUFValueType.UINT32, gguf
         ({"llama.block_count": ("3", STR)}, "llama.block_count"),
         ({"llama.rope.freq_base": (-1.0, F32)}, "llama.rope.freq_base"),
         ({"general.architecture": (["llama"], ARR)}, "architecture"),
+        ({"llama.context_length": (10**9, U32)}, r"llama.context_length is 1000000000, over the 2097152 positions"),
     ],
 )
 def test_bad_gguf_metadata_is_a_value_error_naming_the_key(tmp_path, tiny_gguf_source, fields, named):

@@ -84,7 +84,7 @@ class DecoderArchitecture:
             eos_token_ids=_as_tuple(config.get("eos_token_id")),
         )
         if not 1 <= arch.max_position_embeddings <= MAX_POSITION_EMBEDDINGS:
-            raise ValueError(f"max_position_embeddings is {arch.max_position_embeddings}; rayk serves 1 to {MAX_POSITION_EMBEDDINGS}")
+            raise ValueError(f"config.json: max_position_embeddings is {arch.max_position_embeddings}; rayk serves 1 to {MAX_POSITION_EMBEDDINGS}")
         if arch.num_heads % arch.num_kv_heads:
             raise ValueError(f"num_attention_heads ({arch.num_heads}) must be a multiple of num_key_value_heads ({arch.num_kv_heads})")
         rope_type = arch.rope_scaling.get("rope_type", "default")

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from rayk.model.architecture import DecoderArchitecture
+from rayk.model.architecture import MAX_POSITION_EMBEDDINGS, DecoderArchitecture
 from rayk.model.gguf_dequantize import dequantize
 from rayk.model.gguf_file import TENSOR_TYPES, GGUFFile, GGUFTensor
 
@@ -62,14 +62,17 @@ def gguf_architecture(reader: GGUFFile, path: Path) -> DecoderArchitecture:
     if not isinstance(arch_name, str) or arch_name not in _ARCHITECTURES:
         raise ValueError(f"{path.name}: unsupported GGUF architecture {arch_name!r}; rayk serves {sorted(_ARCHITECTURES)}")
 
-    def meta(key: str, default=None, kind: type = int):
-        """A positive int (or a float, for ``kind=float``), else an error naming the key."""
+    def meta(key: str, default=None, kind: type = int, limit: int | None = None):
+        """A positive int (or a float, for ``kind=float``) of at most ``limit``, else an error
+        naming the key."""
         value = field(f"{arch_name}.{key}", default)
         if value is None:
             raise ValueError(f"{path.name}: GGUF metadata lacks {arch_name}.{key}")
         wanted = (int,) if kind is int else (int, float)
         if isinstance(value, bool) or not isinstance(value, wanted) or not value > 0:
             raise ValueError(f"{path.name}: GGUF metadata {arch_name}.{key} is {value!r}, not a positive {kind.__name__}")
+        if limit is not None and value > limit:
+            raise ValueError(f"{path.name}: GGUF metadata {arch_name}.{key} is {value}, over the {limit} positions rayk serves")
         return kind(value)
 
     hidden, heads = meta("embedding_length"), meta("attention.head_count")
@@ -85,7 +88,7 @@ def gguf_architecture(reader: GGUFFile, path: Path) -> DecoderArchitecture:
         "head_dim": meta("attention.key_length", hidden // heads),
         "rms_norm_eps": meta("attention.layer_norm_rms_epsilon", kind=float),
         "rope_theta": meta("rope.freq_base", 10000.0, kind=float),
-        "max_position_embeddings": meta("context_length"),
+        "max_position_embeddings": meta("context_length", limit=MAX_POSITION_EMBEDDINGS),
         "tie_word_embeddings": "output.weight" not in {t.name for t in reader.tensors},
         "eos_token_id": field("tokenizer.ggml.eos_token_id"),
     }
