@@ -101,6 +101,12 @@ def _build_parser() -> argparse.ArgumentParser:
     start.add_argument("--disk-dir", default=None, help="directory for the disk tier (each worker uses DIR/worker-N)")
     start.add_argument("--disk-bytes", type=int, default=None, help="bytes of disk per worker (default 8 GiB)")
     start.add_argument("--eviction-policy", default=None, help="lru, lfu, adaptive, cost_aware or cluster_aware (default)")
+    start.add_argument(
+        "--integrity-key-env",
+        default=None,
+        metavar="NAME",
+        help="seal the disk tiers and peer transfers with the secret in the environment variable NAME, set on every node (default: none)",
+    )
     start.add_argument("--max-queued-requests", type=int, default=None, help="requests in flight across the deployment before new ones get Overloaded (default: no bound)")
     start.set_defaults(run=_start)
 
@@ -184,6 +190,7 @@ def _start(args) -> int:
             ("disk_bytes", args.disk_bytes),
             ("eviction_policy", args.eviction_policy),
             ("max_model_len", args.max_model_len),
+            ("integrity_key_env", args.integrity_key_env),
         )
         if value is not None
     }

@@ -15,6 +15,7 @@ from rayk.cache.policies import EvictionPolicy, make_policy
 from rayk.hashing import HASH_ALGORITHMS
 
 ATTENTION_BACKENDS = ("auto", "torch", "flash_attn")
+MIN_INTEGRITY_KEY_BYTES = 16
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -76,6 +77,12 @@ class CacheConfig:
     ``lifecycle_sample_rate`` is the fraction of blocks whose lifetimes are measured.
     ``compress`` None or "int8" for both lower tiers, or per tier, e.g. {"disk": "int8"}: cold
     blocks stored as int8 with a scale per block and head (approximate; off by default).
+    ``disk_write_timeout_s``: a segment write running longer is *hung* (the disk tier stops
+    waiting for it and drops new blocks until it ends). ``integrity_key_env`` names an environment
+    variable holding a per-deployment secret (at least ``MIN_INTEGRITY_KEY_BYTES`` bytes), read
+    in the process that builds the cache: with it, the disk tier, snapshots and peer transfers
+    seal what they write with an HMAC under that key and refuse whatever is not sealed under it
+    (for directories others can write to). The config holds the variable's name, never the secret.
     """
 
     block_size: int = 16
@@ -91,6 +98,19 @@ class CacheConfig:
     eviction_policy: str | EvictionPolicy = "lru"
     lifecycle_sample_rate: float = 0.01
     compress: str | dict | None = None
+    disk_write_timeout_s: float = 10.0
+    integrity_key_env: str | None = None
+
+    def integrity_key(self) -> bytes | None:
+        """The secret ``integrity_key_env`` names, read from this process's environment (None
+        without one); a ValueError naming the variable, never its value, if it is unset or short."""
+        if self.integrity_key_env is None:
+            return None
+        value = os.environ.get(self.integrity_key_env)
+        if value is None or len(value.encode("utf-8")) < MIN_INTEGRITY_KEY_BYTES:
+            state = "is not set" if value is None else f"holds fewer than {MIN_INTEGRITY_KEY_BYTES} bytes"
+            raise ValueError(f"CacheConfig.integrity_key_env: the environment variable {self.integrity_key_env} {state} in this process")
+        return value.encode("utf-8")
 
     def compression(self, tier: str) -> bool:
         """Whether ``tier`` ("host" or "disk") stores blocks as int8."""
@@ -123,6 +143,11 @@ class CacheConfig:
             0.0 <= self.lifecycle_sample_rate <= 1.0
         ):
             raise ValueError(f"CacheConfig.lifecycle_sample_rate must be in [0, 1], got {self.lifecycle_sample_rate!r}")
+        timeout = self.disk_write_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+            raise ValueError(f"CacheConfig.disk_write_timeout_s must be a number of seconds > 0, got {timeout!r}")
+        if self.integrity_key_env is not None and not (isinstance(self.integrity_key_env, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.integrity_key_env)):
+            raise ValueError(f"CacheConfig.integrity_key_env must name an environment variable (letters, digits, _), got {self.integrity_key_env!r}")
         settings = self.compress.items() if isinstance(self.compress, dict) else [("host", self.compress)]
         for tier, setting in settings:
             if tier not in ("host", "disk") or setting not in (None, "int8"):

@@ -148,6 +148,15 @@ class BlockHasher:
                 parent = self.digest(parent + data[offset : offset + step])
                 append(parent)
 
+    def key_of(self, parent: BlockHash, tokens: bytes) -> BlockHash | None:
+        """The key of the block of ``tokens`` (``token_bytes`` of one full block) under ``parent``;
+        None if ``tokens`` is not one full block. A block from outside is what it claims to be
+        only if its key is this."""
+        keys: list[BlockHash] = []
+        if len(tokens) == self.block_bytes:
+            self.extend(keys, tokens, parent)
+        return keys[0] if keys else None
+
     def hash_blocks(self, token_ids: Sequence[int], cache_salt: str | bytes | None = None) -> list[BlockHash]:
         """The keys of every full block of ``token_ids``."""
         block_hashes: list[BlockHash] = []

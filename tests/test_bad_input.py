@@ -99,11 +99,28 @@ def test_one_bad_prompt_in_a_batch_queues_none_of_them(llm):
         ({"hash_algorithm": "md5"}, ValueError, "CacheConfig.hash_algorithm must be one of"),
         ({"attention_backend": "flash_attn"}, ValueError, "attention_backend='flash_attn' needs CUDA"),
         ({"colour": "blue"}, TypeError, r"unknown option\(s\) \['colour'\]"),
+        ({"disk_write_timeout_s": 0}, ValueError, "CacheConfig.disk_write_timeout_s must be a number of seconds > 0"),
+        ({"disk_write_timeout_s": float("inf")}, ValueError, "CacheConfig.disk_write_timeout_s must be a number of seconds > 0"),
+        ({"integrity_key_env": "not a name"}, ValueError, "CacheConfig.integrity_key_env must name an environment variable"),
+        ({"integrity_key_env": "RAYK_TEST_UNSET_KEY"}, ValueError, "the environment variable RAYK_TEST_UNSET_KEY is not set"),
     ],
 )
 def test_bad_engine_options_name_the_field(tiny_llama_dir, kwargs, error, match):
     with pytest.raises(error, match=match):
         rayk.LLM(tiny_llama_dir, **kwargs)
+
+
+def test_a_short_integrity_key_is_refused_without_showing_it(tiny_llama_dir, monkeypatch):
+    monkeypatch.setenv("RAYK_TEST_SHORT_KEY", "tiny-secret")
+    with pytest.raises(ValueError, match="RAYK_TEST_SHORT_KEY holds fewer than 16 bytes") as refused:
+        rayk.LLM(tiny_llama_dir, integrity_key_env="RAYK_TEST_SHORT_KEY")
+    assert "tiny-secret" not in str(refused.value)
+
+
+def test_the_disk_write_timeout_reaches_the_disk_tier(tiny_llama_dir, tmp_path):
+    llm = rayk.LLM(tiny_llama_dir, num_device_blocks=8, disk_dir=str(tmp_path), disk_write_timeout_s=2.5)
+    assert llm.engine.disk.write_timeout_s == 2.5
+    llm.close()
 
 
 @pytest.mark.parametrize("model", [None, 3, ""])

@@ -64,6 +64,60 @@ def test_one_block_reads_alone_from_its_range():
     assert torch.equal(one, blocks[:, :, 2:3])
 
 
+SECRET = b"a per-deployment secret"
+
+
+def _rewrite(buffer, edit) -> bytes:
+    """``buffer`` with ``edit`` applied to its parsed header, repacked (any MAC left as it was)."""
+    length = block_codec.header_length(buffer)
+    header = msgpack.unpackb(bytes(buffer[PREFIX_BYTES : PREFIX_BYTES + length]))
+    edit(header)
+    packed = msgpack.packb(header, use_bin_type=True)
+    return MAGIC + len(packed).to_bytes(4, "little") + packed + bytes(buffer[PREFIX_BYTES + length :])
+
+
+def test_a_sealed_batch_reads_back_under_its_key_and_is_refused_under_another():
+    records, blocks = _batch(3)
+    sealed = encode(records, blocks, FINGERPRINT, LAYOUT, integrity_key=SECRET)
+    assert torch.equal(decode(sealed, FINGERPRINT, LAYOUT, SECRET).blocks, blocks)
+    assert torch.equal(decode(sealed, FINGERPRINT, LAYOUT).blocks, blocks)  # a reader without a key checks the SHA-256 sums
+    with pytest.raises(BlockBatchError, match="not sealed with this cache's integrity key"):
+        read_header(sealed, FINGERPRINT, LAYOUT, integrity_key=b"another deployment's key")
+    with pytest.raises(BlockBatchError, match="not sealed with this cache's integrity key"):
+        read_header(encode(records, blocks, FINGERPRINT, LAYOUT), FINGERPRINT, LAYOUT, integrity_key=SECRET)
+
+
+def _forge_tokens(header):
+    header["blocks"][1][3] = [9, 9, 9, 9]
+
+
+def _forge_payload_sum(header):  # a forger's payload, with the SHA-256 it has
+    header["blocks"][0][4] = bytes(32)
+
+
+def _unseal(header):
+    del header["mac"], header["checksum"]
+    for entry in header["blocks"]:
+        entry[4] = entry[4][:8]
+
+
+@pytest.mark.parametrize("forge", [_forge_tokens, _forge_payload_sum, _unseal], ids=["tokens", "payload-checksum", "unsealed"])
+def test_a_sealed_header_changed_by_anyone_without_the_key_is_refused(forge):
+    records, blocks = _batch(3)
+    forged = _rewrite(encode(records, blocks, FINGERPRINT, LAYOUT, integrity_key=SECRET), forge)
+    with pytest.raises(BlockBatchError, match="integrity key|blocks\\[0\\]"):
+        decode(forged, FINGERPRINT, LAYOUT, SECRET)
+
+
+def test_a_sealed_blocks_changed_payload_fails_its_sha256():
+    records, blocks = _batch(3)
+    sealed = encode(records, blocks, FINGERPRINT, LAYOUT, integrity_key=SECRET)
+    start, end = read_header(sealed, FINGERPRINT, LAYOUT, integrity_key=SECRET).block_range(1)
+    sealed[(start + end) // 2] ^= 0x01
+    decoded = decode(sealed, FINGERPRINT, LAYOUT, SECRET)
+    assert [r.key for r in decoded.records] == [records[0].key, records[2].key] and decoded.num_rejected == 1
+
+
 def header_end(buffer) -> int:
     return PREFIX_BYTES + block_codec.header_length(buffer)
 

@@ -52,6 +52,13 @@ def test_start_reports_every_worker_ready(deployment):
     assert "worker-0" in started.stdout and "worker-1" in started.stdout
 
 
+def test_start_passes_the_integrity_key_variable_to_every_worker(address, tiny_chat_dir):
+    target = ["--address", address, "--namespace", NAMESPACE + "-sealed"]
+    result = rayk_command("start", *target, "--model", str(tiny_chat_dir), "--workers", "1", "--device", "cpu", "--integrity-key-env", "RAYK_TEST_UNSET_KEY")
+    rayk_command("stop", *target)
+    assert_one_line_error(result, "the environment variable RAYK_TEST_UNSET_KEY is not set")
+
+
 def test_a_second_start_in_the_same_namespace_is_refused(deployment, tiny_chat_dir):
     target, _ = deployment
     result = rayk_command("start", *target, "--model", str(tiny_chat_dir), "--workers", "1", "--device", "cpu")

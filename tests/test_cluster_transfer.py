@@ -2,7 +2,9 @@
 loopback, each node with its own object store): a prefix computed on one node serves a worker on
 the other through the object store, with transformers' greedy tokens; stale plans, corrupted
 payloads and a vanished source cost a recompute and nothing else; ``warm`` replicates by pulling;
-and cluster-aware eviction keeps last copies where LRU drops them.
+and cluster-aware eviction keeps last copies where LRU drops them. The deployment has an
+integrity key (``integrity_key_env``, set before the nodes start, so every worker reads it): every
+pull here moves a sealed batch, and a peer's unsealed one is refused.
 
 The head node has no CPUs, so the two workers live on the two other nodes, one each; the node
 removal test runs last, since it takes one of them away.
@@ -10,14 +12,17 @@ removal test runs last, since it takes one of them away.
 
 from __future__ import annotations
 
+import os
 import time
 
+import msgpack
 import numpy as np
 import pytest
 import ray
 from ray.util.state import list_actors
 
 import rayk
+from rayk.cache.block_codec import MAGIC, PREFIX_BYTES
 from rayk.cluster.routing import FetchPlan
 from rayk.cluster.worker import worker_actor_name
 from tests.conftest import BLOCK_SIZE, hf_greedy, local_ray_nodes, random_prompts
@@ -26,17 +31,22 @@ GREEDY = rayk.SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 NAMESPACE = "rayk-test-transfer"
 PREFIX_BLOCKS = 5
 PROMPT = random_prompts([PREFIX_BLOCKS * BLOCK_SIZE + 5], seed=700)[0]
+KEY_ENV = "RAYK_TEST_TRANSFER_INTEGRITY_KEY"
 
 
 @pytest.fixture(scope="module")
 def ray_nodes():
-    with local_ray_nodes(NAMESPACE, 0, 2, 2) as nodes:
-        yield nodes
+    os.environ[KEY_ENV] = "the transfer tests' deployment secret"  # inherited by every node's processes
+    try:
+        with local_ray_nodes(NAMESPACE, 0, 2, 2) as nodes:
+            yield nodes
+    finally:
+        del os.environ[KEY_ENV]
 
 
 @pytest.fixture(scope="module")
 def cluster(ray_nodes, tiny_llama_dir):
-    options = dict(block_size=BLOCK_SIZE, num_device_blocks=16, liveness_timeout_s=2.0, pull_timeout_s=5.0)
+    options = dict(block_size=BLOCK_SIZE, num_device_blocks=16, liveness_timeout_s=2.0, pull_timeout_s=5.0, integrity_key_env=KEY_ENV)
     with rayk.Cluster(str(tiny_llama_dir), num_workers=2, namespace=NAMESPACE, **options) as cluster:
         yield cluster
 
@@ -137,6 +147,36 @@ def test_a_corrupted_payload_is_refused_and_its_block_recomputed(fresh, referenc
     assert output.token_ids == reference
     assert output.cached_tokens_by_tier["remote"] == (PREFIX_BLOCKS - 1) * BLOCK_SIZE  # the chain stops at the bad block
     assert _failed_pulls(fresh, "worker-1").get("checksum", 0) >= 1
+
+
+@ray.remote(num_cpus=0)
+class _UnsealingPeer:
+    """A peer without the deployment's key: it serves a real worker's sealed batch with its MAC
+    taken out, every block and checksum intact."""
+
+    def __init__(self, real: str, namespace: str):
+        self.real = ray.get_actor(worker_actor_name(real), namespace=namespace)
+
+    async def export_blocks(self, keys):
+        buffer = bytes(np.array(await self.real.export_blocks.remote(keys)))
+        length = int.from_bytes(buffer[len(MAGIC) : PREFIX_BYTES], "little")
+        header = msgpack.unpackb(buffer[PREFIX_BYTES : PREFIX_BYTES + length])
+        del header["mac"]  # a KeyError here (another failure reason) if the worker did not seal it
+        packed = msgpack.packb(header, use_bin_type=True)
+        return np.frombuffer(MAGIC + len(packed).to_bytes(4, "little") + packed + buffer[PREFIX_BYTES + length :], dtype=np.uint8)
+
+
+def test_a_peer_batch_not_sealed_with_the_deployments_key_is_refused(fresh, reference):
+    fresh.generate(PROMPT, GREEDY, worker="worker-0", pull="never")
+    peer = _UnsealingPeer.options(name=worker_actor_name("unsealing"), namespace=NAMESPACE).remote("worker-0", NAMESPACE)
+    try:
+        plan = FetchPlan("unsealing", tuple(fresh.block_hashes(PROMPT)))
+        before = _failed_pulls(fresh, "worker-1").get("bad_batch", 0)
+        output = ray.get(fresh._worker("worker-1").generate.remote(PROMPT, GREEDY, None, "unsealed-pull", plan))
+    finally:
+        ray.kill(peer)
+    assert output.token_ids == reference and output.cached_tokens_by_tier["remote"] == 0
+    assert _failed_pulls(fresh, "worker-1").get("bad_batch", 0) == before + 1
 
 
 def _wait_for_replicas(cluster, worker: str, count: int, timeout_s: float = 10.0) -> None:

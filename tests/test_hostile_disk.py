@@ -400,3 +400,49 @@ def test_an_engine_refuses_a_forged_segment_in_its_disk_dir(tiny_llama_dir, tmp_
         assert disk["cached_blocks"] == 0 and disk["rejected"] + disk["foreign_files"] >= 1
     finally:
         engine.close()
+
+
+def test_with_an_integrity_key_forged_kv_on_disk_or_in_a_snapshot_is_refused(tiny_llama_dir, tmp_path, monkeypatch):
+    """KV under a prompt's true keys, parents and tokens, finite, with correct checksums: only the
+    integrity key tells it from the real thing. Without one the forgery is served (the control)."""
+    monkeypatch.setenv("RAYK_TEST_INTEGRITY_KEY", "a per-deployment secret")
+    prompt = random_prompts([40], seed=1520)[0]
+    greedy = rayk.SamplingParams(temperature=0, max_tokens=4)
+    options = {"block_size": BLOCK_SIZE, "num_device_blocks": 16}
+    sealed = {**options, "integrity_key_env": "RAYK_TEST_INTEGRITY_KEY"}
+    first = rayk.LLM(tiny_llama_dir, disk_dir=str(tmp_path / "kv"), **sealed)
+    [expected] = first.generate(prompt, greedy)
+    first.save_cache(str(tmp_path / "snapshot"))
+    layout, hasher, segment_dir = first.engine.kv_cache.layout, first.engine.kv_cache_manager.hasher, first.engine.disk.segment_dir
+    first.close()
+    reader = rayk.LLM(tiny_llama_dir, **sealed)
+    assert reader.load_cache(str(tmp_path / "snapshot")) == 2  # what was sealed under the key loads
+    [output] = reader.generate(prompt, greedy)
+    assert output.token_ids == expected.token_ids and output.num_cached_tokens == 2 * BLOCK_SIZE
+    reader.close()
+
+    keys = hasher.hash_blocks(prompt)
+    records = [BlockRecord(i, keys[i], keys[i - 1] if i else hasher.root(), i, token_bytes(prompt[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE])) for i in range(2)]
+    shape = (2, layout.num_layers, 2, layout.block_size, layout.num_kv_heads, layout.head_dim)
+    forged = bytes(encode(records, torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 5, hasher.fingerprint, layout))
+    for directory in (segment_dir, tmp_path / "snapshot" / segment_dir.name):
+        for segment in directory.glob("*" + SUFFIX):
+            segment.unlink()
+        (directory / SEGMENT).write_bytes(forged)
+
+    engine = rayk.LLM(tiny_llama_dir, disk_dir=str(tmp_path / "kv"), **sealed)
+    try:
+        disk = engine.stats()["disk_tier"]
+        assert disk["cached_blocks"] == 0 and disk["rejected"] == 1
+        with pytest.raises(ValueError, match="not sealed with this engine's integrity key"):
+            engine.load_cache(str(tmp_path / "snapshot"))
+        [output] = engine.generate(prompt, greedy)
+        assert output.token_ids == expected.token_ids and output.num_cached_tokens == 0
+    finally:
+        engine.close()
+    unkeyed = rayk.LLM(tiny_llama_dir, **options)
+    try:
+        assert unkeyed.load_cache(str(tmp_path / "snapshot")) == 2
+        assert unkeyed.generate(prompt, greedy)[0].num_cached_tokens == 2 * BLOCK_SIZE  # served: forged KV
+    finally:
+        unkeyed.close()

@@ -60,7 +60,7 @@ def _totals(updates, name: str, by: str | None = None):
 
 
 def _puller_stats(engine) -> dict:
-    return PeerPuller(None, engine.fingerprint, engine.kv_cache.layout).stats()
+    return PeerPuller(None, engine.kv_cache_manager.hasher, engine.kv_cache.layout).stats()
 
 
 @pytest.fixture()
@@ -152,7 +152,7 @@ def test_a_failed_pull_is_timed_and_counted_by_reason(llm):
     async def unreachable(source, keys):
         raise ConnectionError(f"{source} is gone")
 
-    puller = PeerPuller(unreachable, llm.engine.fingerprint, llm.engine.kv_cache.layout)
+    puller = PeerPuller(unreachable, llm.engine.kv_cache_manager.hasher, llm.engine.kv_cache.layout)
     start = time.perf_counter()
     assert asyncio.run(puller.pull(FetchPlan("worker-1", (bytes(16),)))) is None
     metrics.pull_done(time.perf_counter() - start)

@@ -208,7 +208,7 @@ def test_a_pickle_sent_as_a_peer_payload_is_refused_and_never_runs(tmp_path, tin
 
         prompt = random_prompts([40], seed=1401)[0]
         plan = FetchPlan("worker-1", tuple(llm.block_hashes(prompt)))
-        puller = PeerPuller(fetch, engine.fingerprint, engine.kv_cache.layout)
+        puller = PeerPuller(fetch, engine.kv_cache_manager.hasher, engine.kv_cache.layout)
         assert asyncio.run(puller.pull(plan)) is None
         assert puller.stats()["failed_pulls"] == {"bad_batch": 1} and puller.stats()["pulled_blocks"] == 0
         with pytest.raises(block_codec.BlockBatchError):

@@ -10,7 +10,13 @@ The header is a map of plain values (nothing is ever pickled):
   (``KVLayout.to_metadata()``), ``compression`` (None or "int8"), ``block_bytes`` (payload bytes
   of one block);
 * ``blocks``: per block ``[key, parent key, depth, token ids, checksum]``, in payload order; the
-  checksum is the xxh3-64 of the block's payload bytes, as 8 little-endian bytes.
+  checksum is the xxh3-64 of the block's payload bytes, as 8 little-endian bytes;
+* with an *integrity key* (a per-deployment secret, for directories that others can write to):
+  ``checksum`` "sha256" (each block's checksum is then the 32-byte SHA-256 of its payload) and
+  ``mac``, HMAC-SHA256 under the key over the model fingerprint, the layout, the compression, the
+  block size in bytes and every block's entry. The MAC makes the header authentic; each entry's
+  SHA-256 then binds the payload to it, since no one can make other bytes with the same digest
+  (an xxh3 checksum catches damage, not forgery). A batch without these fields has none.
 
 The payload holds the blocks back to back, ``block_bytes`` each, block-major: block i is
 ``[2, layers, block_size, kv_heads, head_dim]`` in the model's dtype, or with int8 compression
@@ -18,7 +24,8 @@ those values as int8 followed by float32 scales ``[2, layers, kv_heads]``
 (``rayk.cache.quantization``). So one block is one contiguous range, readable alone.
 
 ``read_header`` checks everything a header claims against the caller's model and layout and the
-buffer's size, and raises ``BlockBatchError`` naming the first field that does not match; a block
+buffer's size (and, given an integrity key, the MAC: a batch not sealed under that key is
+refused), and raises ``BlockBatchError`` naming the first field that does not match; a block
 whose payload fails its checksum, or whose KV holds a non-finite value (a block from outside with
 a recomputed checksum), is left out of what ``decode`` returns. A reader therefore either gets
 blocks that are exactly what was written for this model, or a miss.
@@ -26,6 +33,8 @@ blocks that are exactly what was written for this model, or a miss.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,7 +55,8 @@ PREFIX_BYTES = len(MAGIC) + 4
 COMPRESSIONS = (None, "int8")
 MAX_BATCH_BLOCKS = 1 << 16
 """The most blocks one batch may hold."""
-_CHECKSUM_BYTES = 8
+_CHECKSUM_BYTES = {"xxh3-64": 8, "sha256": 32}
+_MAC_DOMAIN = b"rayk-block-batch-mac-v1\0"
 
 
 class BlockBatchError(ValueError):
@@ -58,7 +68,7 @@ class BatchHeader:
     """A checked header: the blocks' records (``block`` is their index in the batch) and checksums."""
 
     records: tuple[BlockRecord, ...]
-    checksums: tuple[int, ...]
+    checksums: tuple[bytes, ...]
     compression: str | None
     block_bytes: int
     payload_offset: int
@@ -84,19 +94,23 @@ def encode(
     fingerprint: bytes,
     layout: KVLayout,
     compression: str | None = None,
+    integrity_key: bytes | None = None,
 ) -> np.ndarray:
     """One uint8 buffer holding the blocks, ``records[i]`` describing block i. ``blocks`` is a
     ``[2, layers, n, ...]`` tensor, or a list of ``[2, layers, block_size, kv_heads, head_dim]``
-    tensors (views into a pool are fine: each is copied once, straight into the buffer)."""
+    tensors (views into a pool are fine: each is copied once, straight into the buffer). With
+    ``integrity_key`` the batch is sealed (see the module doc)."""
     size = block_bytes(layout, compression)
+    checksum = "xxh3-64" if integrity_key is None else "sha256"
     n = len(records)
     if n > MAX_BATCH_BLOCKS:
         raise ValueError(f"a batch holds at most {MAX_BATCH_BLOCKS} blocks, got {n}")
     per_block = blocks.unbind(2) if isinstance(blocks, torch.Tensor) else list(blocks)
     if len(per_block) != n:
         raise ValueError(f"{n} records for {len(per_block)} blocks")
-    entries = [[r.key, r.parent, r.depth, token_ids_from_bytes(r.tokens), bytes(_CHECKSUM_BYTES)] for r in records]
-    header = _pack_header(fingerprint, layout, compression, size, entries)
+    entries = [[r.key, r.parent, r.depth, token_ids_from_bytes(r.tokens), bytes(_CHECKSUM_BYTES[checksum])] for r in records]
+    mac = None if integrity_key is None else bytes(32)
+    header = _pack_header(fingerprint, layout, compression, size, entries, mac)
     offset = PREFIX_BYTES + len(header)
     buffer = np.empty(offset + n * size, dtype=np.uint8)
     payload = torch.from_numpy(buffer[offset:]).view(n, size)
@@ -112,16 +126,18 @@ def encode(
         payload[:, count:].view(torch.float32).view(n, 2, layout.num_layers, layout.num_kv_heads).copy_(scales.permute(2, 0, 1, 3))
     rows = buffer[offset:].reshape(n, size)
     for entry, row in zip(entries, rows):
-        entry[4] = xxhash.xxh3_64_intdigest(row).to_bytes(_CHECKSUM_BYTES, "little")
-    final = _pack_header(fingerprint, layout, compression, size, entries)
-    assert len(final) == len(header), "checksums are fixed-width: the header keeps its length"
+        entry[4] = _checksum(row, checksum)
+    if integrity_key is not None:
+        mac = _mac(integrity_key, fingerprint, layout, compression, size, entries)
+    final = _pack_header(fingerprint, layout, compression, size, entries, mac)
+    assert len(final) == len(header), "checksums and the MAC are fixed-width: the header keeps its length"
     buffer[: len(MAGIC)] = np.frombuffer(MAGIC, dtype=np.uint8)
     buffer[len(MAGIC) : PREFIX_BYTES] = np.frombuffer(len(final).to_bytes(4, "little"), dtype=np.uint8)
     buffer[PREFIX_BYTES:offset] = np.frombuffer(final, dtype=np.uint8)
     return buffer
 
 
-def _pack_header(fingerprint: bytes, layout: KVLayout, compression: str | None, size: int, entries: list) -> bytes:
+def _pack_header(fingerprint: bytes, layout: KVLayout, compression: str | None, size: int, entries: list, mac: bytes | None) -> bytes:
     header = {
         "version": FORMAT_VERSION,
         "fingerprint": fingerprint,
@@ -130,15 +146,30 @@ def _pack_header(fingerprint: bytes, layout: KVLayout, compression: str | None, 
         "block_bytes": size,
         "blocks": entries,
     }
+    if mac is not None:
+        header["checksum"] = "sha256"
+        header["mac"] = mac
     return msgpack.packb(header, use_bin_type=True)
+
+
+def _checksum(payload: np.ndarray, algorithm: str) -> bytes:
+    if algorithm == "xxh3-64":
+        return xxhash.xxh3_64_intdigest(payload).to_bytes(8, "little")
+    return hashlib.sha256(payload).digest()
+
+
+def _mac(integrity_key: bytes, fingerprint: bytes, layout: KVLayout, compression: str | None, size: int, entries: list) -> bytes:
+    """HMAC-SHA256 over everything a sealed header claims but its own MAC."""
+    message = msgpack.packb([fingerprint, layout.to_metadata(), compression, size, entries], use_bin_type=True)
+    return hmac.digest(integrity_key, _MAC_DOMAIN + message, "sha256")
 
 
 def max_header_bytes(layout: KVLayout) -> int:
     """The longest header a batch of this layout can have: ``MAX_BATCH_BLOCKS`` entries of two
-    32-byte keys, a depth, ``block_size`` token ids and a checksum, each at msgpack's widest. A
+    32-byte keys, a depth, ``block_size`` token ids and a 32-byte checksum, each at msgpack's widest. A
     longer claimed length is refused before anything is read, so it cannot make a reader
     allocate."""
-    return 1024 + MAX_BATCH_BLOCKS * (96 + 5 * layout.block_size)
+    return 1024 + MAX_BATCH_BLOCKS * (128 + 5 * layout.block_size)
 
 
 def header_length(prefix: bytes | np.ndarray) -> int:
@@ -150,10 +181,16 @@ def header_length(prefix: bytes | np.ndarray) -> int:
     return int.from_bytes(prefix[len(MAGIC) :], "little")
 
 
-def read_header(buffer: bytes | np.ndarray, fingerprint: bytes, layout: KVLayout, total_size: int | None = None) -> BatchHeader:
+def read_header(
+    buffer: bytes | np.ndarray,
+    fingerprint: bytes,
+    layout: KVLayout,
+    total_size: int | None = None,
+    integrity_key: bytes | None = None,
+) -> BatchHeader:
     """The checked header of a batch. ``buffer`` holds at least the prefix and header;
     ``total_size`` is the whole batch's size (default ``len(buffer)``), which the header's claims
-    must fit exactly."""
+    must fit exactly. With ``integrity_key``, only a batch sealed under it is accepted."""
     total_size = len(buffer) if total_size is None else total_size
     length = header_length(buffer)
     if length > min(total_size - PREFIX_BYTES, max_header_bytes(layout)):
@@ -180,11 +217,16 @@ def read_header(buffer: bytes | np.ndarray, fingerprint: bytes, layout: KVLayout
     offset = PREFIX_BYTES + length
     if total_size != offset + len(entries) * size:
         raise BlockBatchError(f"the batch holds {total_size - offset} payload bytes; its header's {len(entries)} blocks need {len(entries) * size}")
-    records, checksums = [], []
-    for i, entry in enumerate(entries):
-        records.append(_record(i, entry, layout.block_size))
-        checksums.append(int.from_bytes(entry[4], "little"))
-    return BatchHeader(tuple(records), tuple(checksums), compression, size, offset)
+    checksum = header.get("checksum", "xxh3-64")
+    if checksum not in _CHECKSUM_BYTES:
+        raise BlockBatchError(f"header field 'checksum' must be one of {tuple(_CHECKSUM_BYTES)}, got {checksum!r:.40}")
+    if integrity_key is not None:
+        mac = header.get("mac")
+        sealed = checksum == "sha256" and isinstance(mac, bytes)
+        if not sealed or not hmac.compare_digest(mac, _mac(integrity_key, fingerprint, layout, compression, size, entries)):
+            raise BlockBatchError("header field 'mac' does not match: the batch was not sealed with this cache's integrity key")
+    records = tuple(_record(i, entry, layout.block_size, _CHECKSUM_BYTES[checksum]) for i, entry in enumerate(entries))
+    return BatchHeader(records, tuple(entry[4] for entry in entries), compression, size, offset)
 
 
 def _expect(header: dict, field: str, value, meaning: str = "") -> None:
@@ -193,7 +235,7 @@ def _expect(header: dict, field: str, value, meaning: str = "") -> None:
         raise BlockBatchError(f"header field {field!r} does not match this cache{why}: got {header.get(field)!r:.120}")
 
 
-def _record(index: int, entry, block_size: int) -> BlockRecord:
+def _record(index: int, entry, block_size: int, checksum_bytes: int) -> BlockRecord:
     try:
         key, parent, depth, token_ids, checksum = entry
         ok = (
@@ -204,7 +246,7 @@ def _record(index: int, entry, block_size: int) -> BlockRecord:
             and type(depth) is int  # not a bool, nor a float or string
             and depth >= 0
             and isinstance(checksum, bytes)
-            and len(checksum) == _CHECKSUM_BYTES
+            and len(checksum) == checksum_bytes
             and isinstance(token_ids, list)
             and len(token_ids) == block_size
         )
@@ -212,13 +254,14 @@ def _record(index: int, entry, block_size: int) -> BlockRecord:
     except (TypeError, ValueError, OverflowError):
         ok = False
     if not ok or len(tokens) != block_size * TOKEN_BYTES:
-        raise BlockBatchError(f"header entry blocks[{index}] is not [key, parent, depth, {block_size} token ids, 8-byte checksum]")
+        raise BlockBatchError(f"header entry blocks[{index}] is not [key, parent, depth, {block_size} token ids, {checksum_bytes}-byte checksum]")
     return BlockRecord(index, key, parent, depth, tokens)
 
 
-def verified(payload: np.ndarray, checksum: int) -> bool:
-    """Whether one block's payload bytes match their checksum."""
-    return xxhash.xxh3_64_intdigest(payload) == checksum
+def verified(payload: np.ndarray, checksum: bytes) -> bool:
+    """Whether one block's payload bytes match their checksum (xxh3-64 or SHA-256, told apart by
+    its length)."""
+    return _checksum(payload, "xxh3-64" if len(checksum) == 8 else "sha256") == checksum
 
 
 def decode_payloads(payloads: Sequence[np.ndarray], compression: str | None, layout: KVLayout) -> torch.Tensor:
@@ -248,16 +291,25 @@ class DecodedBatch:
     blocks: torch.Tensor | None  # [2, layers, len(records), ...], None when no block passed
     num_rejected: int
 
+    def keep(self, kept: Sequence[bool]) -> DecodedBatch:
+        """The batch without the blocks whose ``kept`` is False (counted as rejected)."""
+        records = [record for record, ok in zip(self.records, kept) if ok]
+        if len(records) == len(self.records):
+            return self
+        blocks = self.blocks[:, :, torch.tensor(kept, dtype=torch.bool)] if records else None
+        return DecodedBatch(records, blocks, self.num_rejected + len(self.records) - len(records))
 
-def decode(buffer: np.ndarray | bytes, fingerprint: bytes, layout: KVLayout) -> DecodedBatch:
-    """Every block of a whole batch that matches its checksum (BlockBatchError for a bad header).
+
+def decode(buffer: np.ndarray | bytes, fingerprint: bytes, layout: KVLayout, integrity_key: bytes | None = None) -> DecodedBatch:
+    """Every block of a whole batch that matches its checksum (BlockBatchError for a bad header,
+    or one not sealed under ``integrity_key`` when given).
 
     When every block passes and the batch is not compressed, ``blocks`` is a read-only view of
     ``buffer`` itself (no copy: a Ray object's bytes stay in the object store until the view is
     dropped); otherwise the verified blocks are copied out."""
     if isinstance(buffer, (bytes, bytearray, memoryview)):
         buffer = np.frombuffer(buffer, dtype=np.uint8)
-    header = read_header(buffer, fingerprint, layout)
+    header = read_header(buffer, fingerprint, layout, integrity_key=integrity_key)
     records, payloads = [], []
     for record, checksum in zip(header.records, header.checksums):
         start, end = header.block_range(record.block)
@@ -272,11 +324,8 @@ def decode(buffer: np.ndarray | bytes, fingerprint: bytes, layout: KVLayout) -> 
     else:
         raw = _read_only_tensor(buffer[header.payload_offset :])
         blocks = raw.view(layout.dtype).view(len(records), *_block_shape(layout)).permute(1, 2, 0, 3, 4, 5)
-    finite = finite_blocks(blocks)
-    if not finite.all():
-        records = [record for record, ok in zip(records, finite.tolist()) if ok]
-        blocks = blocks[:, :, finite] if records else None
-    return DecodedBatch(records, blocks, len(header.records) - len(records))
+    decoded = DecodedBatch(records, blocks, len(header.records) - len(records))
+    return decoded.keep(finite_blocks(blocks).tolist())
 
 
 def finite_blocks(blocks: torch.Tensor) -> torch.Tensor:

@@ -64,7 +64,10 @@ Hostile directories. Others may write to the directory, so the tier never trusts
 * a block whose KV holds a non-finite value is refused like one that fails its checksum;
 * given the model's ``hasher``, a segment in which any block's key is not the one its parent key
   and token ids hash to is refused whole (deleted, or in a read-only directory counted in
-  ``num_foreign``): a planted file cannot file KV under another prefix's key.
+  ``num_foreign``): a planted file cannot file KV under another prefix's key;
+* given an ``integrity_key``, segments are sealed with it (``block_codec``), and a segment not
+  sealed under it is refused like one of another model: only a holder of the key can write KV
+  that this tier serves, which checksums alone cannot promise (a forger recomputes them).
 """
 
 from __future__ import annotations
@@ -174,6 +177,7 @@ class DiskTier:
         read_only: bool = False,
         write_timeout_s: float = WRITE_TIMEOUT_S,
         hasher: BlockHasher | None = None,
+        integrity_key: bytes | None = None,
     ):
         if isinstance(write_timeout_s, bool) or not isinstance(write_timeout_s, (int, float)) or not write_timeout_s > 0:
             raise ValueError(f"DiskTier.write_timeout_s must be a number of seconds > 0, got {write_timeout_s!r}")
@@ -182,6 +186,7 @@ class DiskTier:
         self.write_timeout_s = float(write_timeout_s)
         self.read_only = read_only
         self.hasher = hasher
+        self.integrity_key = integrity_key
         self.layout = layout
         self.compression = "int8" if compress else None
         self.fingerprint = fingerprint
@@ -458,7 +463,7 @@ class DiskTier:
             return False
         if len(fresh) < len(records):
             records, blocks = [records[i] for i in fresh], blocks[:, :, fresh]
-        buffer = block_codec.encode(records, blocks, self.fingerprint, self.layout, self.compression)
+        buffer = block_codec.encode(records, blocks, self.fingerprint, self.layout, self.compression, self.integrity_key)
         if len(buffer) > self.max_bytes:
             return False
         with self._lock:
@@ -478,7 +483,7 @@ class DiskTier:
         except BaseException:
             self._unlink(temporary)
             raise
-        header = block_codec.read_header(buffer, self.fingerprint, self.layout)
+        header = block_codec.read_header(buffer, self.fingerprint, self.layout, integrity_key=self.integrity_key)
         with self._lock:
             if generation != self._generation:  # cleared while it was written (a hung write)
                 self._unlink(name)
@@ -644,14 +649,7 @@ class DiskTier:
     def _keys_recompute(self, header: block_codec.BatchHeader) -> bool:
         """Whether every block's key is what its parent key and token ids hash to (always true
         without a hasher)."""
-        if self.hasher is None:
-            return True
-        for record in header.records:
-            recomputed: list[BlockHash] = []
-            self.hasher.extend(recomputed, record.tokens, record.parent)
-            if recomputed != [record.key]:
-                return False
-        return True
+        return self.hasher is None or all(self.hasher.key_of(r.parent, r.tokens) == r.key for r in header.records)
 
     def _remove_stale_temporary(self, name: str, now: float) -> None:
         """Deletes a temporary file a crashed writer left (old, and starting with rayk's magic)."""
@@ -673,6 +671,6 @@ class DiskTier:
             length = block_codec.header_length(prefix)
             if length > min(size, block_codec.max_header_bytes(self.layout)):
                 return None
-            return block_codec.read_header(prefix + f.read(length), self.fingerprint, self.layout, total_size=size)
+            return block_codec.read_header(prefix + f.read(length), self.fingerprint, self.layout, total_size=size, integrity_key=self.integrity_key)
         except (OSError, BlockBatchError):
             return None

@@ -82,15 +82,26 @@ def build_tiered_cache(config: CacheConfig, layout: KVLayout, fingerprint: bytes
     # serves the device, the tiers below get copies of it.
     pool = BlockPool(num_device_blocks, layout.block_size, tier="device", policy=make_policy(policy), bytes_per_block=layout.bytes_per_block)
     hasher = BlockHasher(fingerprint, layout.block_size, config.hash_algorithm)
+    integrity_key = config.integrity_key()
     disk = None
     if config.disk_dir is not None:
         # With the hasher, a segment whose keys do not hash from their parents and tokens is refused.
-        disk = DiskTier(config.disk_dir, layout, fingerprint, config.disk_bytes, copy_policy(policy), compress=config.compression("disk"), hasher=hasher)
+        disk = DiskTier(
+            config.disk_dir,
+            layout,
+            fingerprint,
+            config.disk_bytes,
+            copy_policy(policy),
+            compress=config.compression("disk"),
+            write_timeout_s=config.disk_write_timeout_s,
+            hasher=hasher,
+            integrity_key=integrity_key,
+        )
     host = None
     if host_blocks:
         host = HostTier(layout, host_blocks, copy_policy(policy), lower=disk, compress=config.compression("host"), copy_engine=CopyEngine(device))
     for tier_pool in [pool] + ([host.pool] if host else []):
         tier_pool.lifecycle = LifecycleSampler(config.lifecycle_sample_rate)
-    chain = TierChain(pool, kv_cache, fingerprint, host=host, disk=disk)
+    chain = TierChain(pool, kv_cache, fingerprint, host=host, disk=disk, integrity_key=integrity_key)
     manager = KVCacheManager(chain, hasher, config.enable_prefix_caching)
     return TieredCache(kv_cache, pool, host, disk, chain, manager)

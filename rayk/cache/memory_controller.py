@@ -181,7 +181,7 @@ class MemoryController:
         m = self.manager
         m.chain.settle()
         self._open_snapshot(path, must_exist=False).close()
-        snapshot = DiskTier(path, m.kv_cache.layout, m.hasher.fingerprint, 1 << 62, make_policy("lru"))
+        snapshot = DiskTier(path, m.kv_cache.layout, m.hasher.fingerprint, 1 << 62, make_policy("lru"), integrity_key=m.chain.integrity_key)
         for records, blocks in m.chain.cached_blocks():
             snapshot.store(records, blocks)
         if m.disk is not None:
@@ -226,11 +226,14 @@ class MemoryController:
             raise ValueError(f"cache snapshot {str(path)!r} is not a directory")
         if Path(path).exists() and not Path(path).is_dir():
             raise ValueError(f"cache snapshot path {str(path)!r} exists and is not a directory")
-        snapshot = DiskTier(path, m.kv_cache.layout, m.hasher.fingerprint, 1 << 62, make_policy("lru"), read_only=True, hasher=m.hasher)
+        snapshot = DiskTier(
+            path, m.kv_cache.layout, m.hasher.fingerprint, 1 << 62, make_policy("lru"), read_only=True, hasher=m.hasher, integrity_key=m.chain.integrity_key
+        )
         if snapshot.num_foreign:
             raise ValueError(
                 f"cache snapshot {str(path)!r} holds {snapshot.num_foreign} files written for another model, "
-                "block size or KV layout, or damaged (a key its tokens do not hash to); nothing was loaded or changed"
+                "block size or KV layout, not sealed with this engine's integrity key, or damaged (a key its tokens do not hash to); "
+                "nothing was loaded or changed"
             )
         return snapshot
 

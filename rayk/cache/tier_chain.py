@@ -56,8 +56,10 @@ class TierChain:
         fingerprint: bytes = b"",
         host: HostTier | None = None,
         disk: DiskTier | None = None,
+        integrity_key: bytes | None = None,
     ):
-        """``kv_cache`` may be left out for bookkeeping alone (no tiers below, no peers)."""
+        """``kv_cache`` may be left out for bookkeeping alone (no tiers below, no peers); with
+        ``integrity_key`` the batches it exports to peers are sealed with it."""
         if (host or disk) and kv_cache is None:
             raise ValueError("host and disk tiers need the device kv_cache to copy blocks from and to")
         self.kv_cache = kv_cache
@@ -65,6 +67,7 @@ class TierChain:
         self.fingerprint = fingerprint
         self.host = host
         self.disk = disk
+        self.integrity_key = integrity_key
         self.remote: dict[str, dict[BlockHash, tuple[BlockRecord, torch.Tensor]]] = {}  # request id -> staged blocks
         self.transfer_observers: list[TransferObserver] = []
 
@@ -333,7 +336,7 @@ class TierChain:
             records.append(found[0])
             blocks.append(found[1][:, :, 0])
             tiers.add("disk")
-        batch = block_codec.encode(records, blocks, self.fingerprint, self.kv_cache.layout)
+        batch = block_codec.encode(records, blocks, self.fingerprint, self.kv_cache.layout, integrity_key=self.integrity_key)
         if records:
             self.record_transfer("export", "+".join(sorted(tiers)), "remote", len(records), start)
         return batch, len(records)

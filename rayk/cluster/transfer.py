@@ -3,13 +3,15 @@
 Plain Python (the Ray call is passed in as ``fetch``), so every path is tested without Ray.
 
 A pull is one call to the source worker's ``export_blocks``: the source encodes the planned run of
-blocks it still holds as one block batch (``rayk.cache.block_codec``), Ray puts it in the object
-store as one object, and the puller's ``await`` fetches it to its own node. The puller checks
-it off the event loop (header, then every block's checksum) and hands the verified blocks to the
-engine with the request. Whatever goes wrong — the source is gone or its object lost, the call
-times out, the header is foreign, a block fails its checksum, the source no longer holds some
-planned blocks — the request is served anyway: the blocks it lacks are recomputed. Each failure
-is counted by reason.
+blocks it still holds as one block batch (``rayk.cache.block_codec``; sealed, on a deployment
+with an integrity key), Ray puts it in the object store as one object, and the puller's
+``await`` fetches it to its own node. The puller checks it off the event loop (header and seal,
+every block's checksum and values, and every block's key recomputed from its parent key and
+token ids) and hands the verified blocks to the engine with the request. Whatever goes wrong —
+the source is gone or its object lost, the call times out, the header is foreign or not sealed
+under the key, a block fails its checksum or holds non-finite values, a key is not the one its
+tokens hash to, the source no longer holds some planned blocks — the request is served anyway:
+the blocks it lacks are recomputed. Each failure is counted by reason.
 
 Rates: ``RateMeter`` keeps an exponentially weighted average of amount per second. A worker
 measures its pulls (tokens of KV per second, the whole call included) and its prefill (prompt
@@ -30,7 +32,7 @@ from rayk.cache import block_codec
 from rayk.cache.block_codec import BlockBatchError, DecodedBatch
 from rayk.cache.paged_kv import KVLayout
 from rayk.cluster.routing import FetchPlan
-from rayk.hashing import BlockHash
+from rayk.hashing import BlockHash, BlockHasher
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +59,12 @@ class RateMeter:
 class PeerPuller:
     """Runs fetch plans for one worker and keeps its transfer statistics."""
 
-    def __init__(self, fetch: Fetch, fingerprint: bytes, layout: KVLayout, timeout_s: float = 10.0):
+    def __init__(self, fetch: Fetch, hasher: BlockHasher, layout: KVLayout, timeout_s: float = 10.0, integrity_key: bytes | None = None):
         self.fetch = fetch
-        self.fingerprint = fingerprint
+        self.hasher = hasher
+        self.fingerprint = hasher.fingerprint
         self.layout = layout
+        self.integrity_key = integrity_key
         self.timeout_s = timeout_s
         self.rate = RateMeter()  # tokens of KV per second
         self.num_pulls = 0
@@ -85,7 +89,7 @@ class PeerPuller:
             self.failures[type(error).__name__] += 1
             return None
         try:
-            decoded = await asyncio.to_thread(block_codec.decode, buffer, self.fingerprint, self.layout)
+            decoded = await asyncio.to_thread(block_codec.decode, buffer, self.fingerprint, self.layout, self.integrity_key)
         except BlockBatchError:
             self.failures["bad_batch"] += 1
             return None
@@ -93,9 +97,13 @@ class PeerPuller:
             logger.exception("a pull from %s returned something that is not a block batch", plan.source)
             self.failures["bad_batch"] += 1
             return None
-        elapsed = time.perf_counter() - start
         if decoded.num_rejected:
             self.failures["checksum"] += 1
+        recomputed = decoded.keep([self.hasher.key_of(r.parent, r.tokens) == r.key for r in decoded.records])
+        if recomputed is not decoded:
+            self.failures["forged_key"] += 1
+            decoded = recomputed
+        elapsed = time.perf_counter() - start
         if len(decoded.records) + decoded.num_rejected < len(plan.keys):
             self.failures["stale"] += 1  # the source no longer held some planned blocks
         if not decoded.records:

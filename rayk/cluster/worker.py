@@ -85,7 +85,9 @@ class CacheWorker:
         self.engine = LLMEngine(config)
         self.loop = EngineLoop(self.engine)
         self._peers: dict[str, ray.actor.ActorHandle] = {}
-        self.puller = PeerPuller(self._fetch, self.engine.fingerprint, self.engine.kv_cache.layout, pull_timeout_s)
+        self.puller = PeerPuller(
+            self._fetch, self.engine.kv_cache_manager.hasher, self.engine.kv_cache.layout, pull_timeout_s, self.engine.cache.chain.integrity_key
+        )
         self.loop.pull_rate = self.puller.rate
         coordinator = ray.get_actor(coordinator_name, namespace=namespace)
 
