@@ -130,7 +130,7 @@ def test_a_model_that_is_not_a_path_is_named(model):
 
 
 def test_a_missing_model_directory_is_named(tmp_path):
-    with pytest.raises(ValueError, match="model directory .*nowhere.* does not exist"):
+    with pytest.raises(ValueError, match="model .*nowhere.* does not exist"):
         rayk.LLM(str(tmp_path / "nowhere"))
 
 

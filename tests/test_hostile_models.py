@@ -3,9 +3,13 @@ is refused with a ValueError naming the file and the key, before anything is siz
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import gguf
 import pytest
@@ -158,3 +162,48 @@ def test_a_huge_gguf_layer_count_is_refused_against_the_tensors_present(tmp_path
     with pytest.raises(ValueError, match=r"model.gguf: missing tensors of model.layers.3 and more \(100000000 layers declared, the files hold tensors of 3\)"):
         _load(path)
     assert time.perf_counter() - start < 1.0
+
+
+@contextlib.contextmanager
+def _as_another_user():
+    """This process without root's power to read any file (its effective ids are nobody's), so
+    that a file with mode 000 is unreadable, as it is for everyone but root; as is, without root."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.setegid(65534)
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+@pytest.fixture
+def readable_copy(tiny_chat_dir, tiny_gguf_source):
+    """The tiny chat model and a GGUF of it in a directory anyone may enter (pytest's are root's)."""
+    base = Path(tempfile.mkdtemp(prefix="rayk-unreadable-"))
+    try:
+        base.chmod(0o755)
+        model = base / "model"
+        shutil.copytree(tiny_chat_dir, model)
+        _gguf_with(base, tiny_gguf_source)
+        for path in [model, *model.iterdir(), base / "model.gguf"]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        _load(model)  # imports everything a load needs while they can be read
+        yield base
+    finally:
+        shutil.rmtree(base)
+
+
+@pytest.mark.parametrize("unreadable", ["model/config.json", "model/model.safetensors", "model/tokenizer.json", "model", "model.gguf"])
+def test_an_unreadable_model_file_is_named_with_what_happened(readable_copy, unreadable):
+    target = readable_copy / unreadable
+    target.chmod(0o000)
+    path = readable_copy / ("model.gguf" if unreadable == "model.gguf" else "model")
+    with _as_another_user(), pytest.raises(ValueError) as error:
+        _load(path)
+    message = str(error.value)
+    assert target.name in message and "permission denied" in message.lower(), message
+    assert "no such file" not in message.lower() and "does not exist" not in message, message

@@ -32,6 +32,7 @@ from rayk.model.gguf_loader import (
     gguf_weights,
 )
 from rayk.model.load_progress import LoadProgress
+from rayk.model.model_files import check_model_path, readable
 from rayk.model.tokenizer import TextTokenizer
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -80,8 +81,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None, device: torch.device
     A load that takes over a second says what it is doing on stderr (``LoadProgress``).
     """
     path = resolve_model(str(path))
-    if not path.exists():
-        raise ValueError(f"model directory {str(path)!r} does not exist")
+    check_model_path(path)
     gguf_file = find_gguf(path)
     with LoadProgress(gguf_file.name if gguf_file is not None else path.name) as progress:
         if gguf_file is not None:
@@ -107,12 +107,12 @@ def _directory_tokenizer(path: Path, arch: DecoderArchitecture) -> TextTokenizer
     config = read_json_object(config_file) if config_file.is_file() else {}
     template = config.get("chat_template") if isinstance(config.get("chat_template"), str) else None
     eos = arch.eos_token_ids[0] if arch.eos_token_ids else None
-    return TextTokenizer(Tokenizer.from_file(str(tokenizer_file)), None, eos, template)
+    return TextTokenizer(Tokenizer.from_file(readable(tokenizer_file)), None, eos, template)
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, cache_dir: Path | None, progress: LoadProgress) -> LoadedModel:
     # The GGUF's whole content names its cache entry and goes into the weights identity.
-    source = file_digest(path)
+    source = file_digest(Path(readable(path)))
     entry = cache_entry(cache_dir, source) if cache_dir is not None else None
     progress.stage("reading the converted copy")
     cached = load_cached(entry, dtype, source) if entry is not None and entry.is_dir() else None
@@ -166,8 +166,9 @@ def _layer_indices(files: list[Path], prefix: str) -> set[int]:
     """The layer numbers that tensor names in ``files`` carry after ``prefix``."""
     indices: set[int] = set()
     for file in files:
+        name = readable(file)
         try:
-            with safe_open(str(file), framework="pt") as handle:
+            with safe_open(name, framework="pt") as handle:
                 indices |= _indices(handle.keys(), prefix)
         except Exception as error:
             raise ValueError(f"cannot read weights file {file.name}: {error}") from None
@@ -243,8 +244,9 @@ def _safetensors_files(path: Path) -> list[Path]:
 def _read_checked_tensors(files, expected, arch, dtype) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
+        name = readable(file)
         try:
-            handle = safe_open(str(file), framework="pt")
+            handle = safe_open(name, framework="pt")
         except Exception as error:
             raise ValueError(f"cannot read weights file {file.name}: {error}") from None
         with handle:
