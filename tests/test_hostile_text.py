@@ -3,16 +3,17 @@ refused with a ValueError, before the Rust tokenizer sees them and within bounde
 
 from __future__ import annotations
 
+import resource
 import time
 
 import pytest
 from tokenizers import Tokenizer
 
 import rayk
+from rayk.model.template_sandbox import RENDER_MEMORY_BYTES, TEMPLATE_RENDER_SECONDS
 from rayk.model.tokenizer import (
     MAX_CHARS_PER_TOKEN,
     MAX_TEXT_CHARS,
-    TEMPLATE_RENDER_SECONDS,
     TextTokenizer,
 )
 
@@ -57,13 +58,27 @@ CONVERSATION = [{"role": "user", "content": "hi"}]
         ("{{ 7 ** 10000000 }}", r"raises 7 to the power 10000000"),
         ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", r"rendering ran over 2.0 s"),
         ("{% for i in range(100000) %}{{ messages[0].content * 1000 }}{% endfor %}", rf"rendering exceeds {MAX_TEXT_CHARS} characters"),
+        # One C call each, allocating gigabytes at once: only the sandbox process's memory cap stops them.
+        ("{{ 'a'.ljust(10**10) }}", rf"needed more than {RENDER_MEMORY_BYTES >> 20} MiB"),
+        ("{{ '%*s' % (10**10, 'a') }}", rf"needed more than {RENDER_MEMORY_BYTES >> 20} MiB"),
+        (
+            "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}",
+            rf"needed more than {RENDER_MEMORY_BYTES >> 20} MiB",
+        ),
+        ("{{ raise_exception('this template refuses') }}", r"chat template error: this template refuses"),
     ],
 )
-def test_a_runaway_chat_template_is_stopped_in_bounded_time(tiny_llama_dir, template, refusal):
-    start = time.perf_counter()
+def test_a_runaway_chat_template_is_stopped_in_bounded_time_and_memory(tiny_llama_dir, template, refusal):
+    rss_before, start = _max_rss_bytes(), time.perf_counter()
     with pytest.raises(ValueError, match=refusal):
         _tokenizer(tiny_llama_dir, template).apply_chat_template(CONVERSATION)
     assert time.perf_counter() - start < TEMPLATE_RENDER_SECONDS + 1.0
+    assert _max_rss_bytes() - rss_before < 64 << 20  # the caller's own memory never held it
+    assert _tokenizer(tiny_llama_dir, "{{ messages[0].content }}").apply_chat_template(CONVERSATION) == "hi"  # and renders go on
+
+
+def _max_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def test_chat_renders_within_the_models_token_budget(tiny_chat_dir):

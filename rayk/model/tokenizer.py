@@ -13,29 +13,23 @@ while it ends in an incomplete UTF-8 sequence, so a character split over several
 
 Text is bounded before the Rust tokenizer sees it (an oversized string makes it abort the whole
 process): at most ``MAX_CHARS_PER_TOKEN`` characters per token of the caller's budget (a request's
-``max_model_len``), and never more than ``MAX_TEXT_CHARS``. A chat template's rendering is bounded
-the same way in length, in ``TEMPLATE_RENDER_SECONDS`` of time, and in the size of what one ``*``
-or ``**`` may build.
+``max_model_len``), and never more than ``MAX_TEXT_CHARS``. A chat template renders in a child
+process under hard limits of memory and time (``rayk.model.template_sandbox``), its output bounded
+in length the same way.
 """
 
 from __future__ import annotations
 
-import sys
-import time
 from collections.abc import Sequence
 
 from tokenizers import Tokenizer
+
+from rayk.model.template_sandbox import MAX_TEXT_CHARS, render
 
 MAX_CHARS_PER_TOKEN = 32
 """Characters of text allowed per token of a budget. Generous: English text averages about 4
 characters per token; only text with long runs that merge into single tokens (``'A' * 1000``)
 goes past 32, and that is refused before tokenizing rather than tokenized at any cost."""
-MAX_TEXT_CHARS = 1 << 24
-"""The most characters any text may have, budget or not (16 Mi)."""
-TEMPLATE_RENDER_SECONDS = 2.0
-"""The most wall-clock time one chat template rendering may take."""
-_MAX_POWER_EXPONENT = 1024  # ``a ** b`` in a template: larger exponents of |a| > 1 build huge ints
-
 _REPLACEMENT = "\ufffd"
 _WINDOW = 6  # ids of context kept before the unread ones: enough for byte-level merges to settle
 
@@ -46,7 +40,6 @@ class TextTokenizer:
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
         self.chat_template = chat_template
-        self._compiled_template = None
 
     @property
     def vocab_size(self) -> int:
@@ -71,51 +64,21 @@ class TextTokenizer:
     ):
         """The conversation rendered by the model's template (text, or its ids with ``tokenize``).
 
-        The rendering is stopped with a ValueError once it exceeds ``text_limit(max_tokens)``
-        characters or ``TEMPLATE_RENDER_SECONDS``."""
+        The rendering (in ``template_sandbox``'s child process) is stopped with a ValueError once it
+        exceeds ``text_limit(max_tokens)`` characters, ``template_sandbox.TEMPLATE_RENDER_SECONDS`` or the child's
+        memory; the template's own errors (``raise_exception``) are ValueErrors too."""
         if self.chat_template is None:
             raise ValueError("this model has no chat template (tokenizer.chat_template); pass prompts to generate() instead")
         _check_conversation(conversation)
-        text = _render_bounded(
-            self._template(),
-            text_limit(max_tokens),
-            _limit_reason(max_tokens),
-            messages=list(conversation),
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.token(self.bos_token_id) or "",
-            eos_token=self.token(self.eos_token_id) or "",
-        )
+        context = {
+            "messages": list(conversation),
+            "add_generation_prompt": add_generation_prompt,
+            "bos_token": self.token(self.bos_token_id) or "",
+            "eos_token": self.token(self.eos_token_id) or "",
+        }
+        text = render(self.chat_template, text_limit(max_tokens), _limit_reason(max_tokens), context)
         # The template writes the special tokens itself, so none are added when encoding.
         return self.encode(text, add_special_tokens=False, max_tokens=max_tokens) if tokenize else text
-
-    def _template(self):
-        if self._compiled_template is None:
-            from jinja2.exceptions import TemplateError
-            from jinja2.ext import loopcontrols
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            def raise_exception(message):
-                raise TemplateError(message)
-
-            class BoundedSandbox(ImmutableSandboxedEnvironment):
-                """Refuses a ``*`` or ``**`` whose result would be huge, before building it (at
-                render or, for constants, at compile: intercepted operators are not folded)."""
-
-                intercepted_binops = frozenset({"*", "**"})
-
-                def call_binop(self, context, operator, left, right):
-                    if operator == "*":
-                        sequence, count = (left, right) if isinstance(right, int) else (right, left)
-                        if isinstance(sequence, (str, list, tuple)) and isinstance(count, int) and len(sequence) * count > MAX_TEXT_CHARS:
-                            raise ValueError(f"chat template repeats a sequence of {len(sequence)} items {count} times, over {MAX_TEXT_CHARS}")
-                    elif isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > _MAX_POWER_EXPONENT:
-                        raise ValueError(f"chat template raises {left} to the power {right}; exponents above {_MAX_POWER_EXPONENT} are refused")
-                    return super().call_binop(context, operator, left, right)
-
-            environment = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-            environment.globals["raise_exception"] = raise_exception
-            self._compiled_template = environment.from_string(self.chat_template)
-        return self._compiled_template
 
 
 def text_limit(max_tokens: int | None) -> int:
@@ -129,35 +92,6 @@ def _limit_reason(max_tokens: int | None) -> str:
     if max_tokens is None or MAX_CHARS_PER_TOKEN * max_tokens > MAX_TEXT_CHARS:
         return "the most text rayk tokenizes"
     return f"{MAX_CHARS_PER_TOKEN} characters per token of {max_tokens} tokens"
-
-
-def _render_bounded(template, limit: int, reason: str, **context) -> str:
-    """``template`` rendered with ``context``, stopped with a ValueError past ``limit`` characters
-    or ``TEMPLATE_RENDER_SECONDS``. The time is checked on every line the compiled template runs
-    (a trace on its own frames only), so loops that print nothing are stopped too. A tracer set
-    before (a debugger, coverage) is paused for the rendering and restored after it."""
-    deadline = time.monotonic() + TEMPLATE_RENDER_SECONDS
-
-    def trace_line(frame, event, arg):
-        if time.monotonic() > deadline:
-            raise ValueError(f"chat template rendering ran over {TEMPLATE_RENDER_SECONDS} s; refused")
-        return trace_line
-
-    def trace_call(frame, event, arg):
-        return trace_line if frame.f_code.co_filename == "<template>" else None
-
-    previous = sys.gettrace()
-    sys.settrace(trace_call)
-    try:
-        pieces, length = [], 0
-        for piece in template.generate(**context):
-            length += len(piece)
-            if length > limit:
-                raise ValueError(f"chat template rendering exceeds {limit} characters ({reason}); refused")
-            pieces.append(piece)
-    finally:
-        sys.settrace(previous)
-    return "".join(pieces)
 
 
 def _check_conversation(conversation) -> None:
