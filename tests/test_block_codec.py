@@ -175,3 +175,20 @@ def test_an_empty_batch_round_trips():
     records, blocks = _batch(0)
     decoded = decode(encode(records, blocks, FINGERPRINT, LAYOUT), FINGERPRINT, LAYOUT)
     assert decoded.records == [] and decoded.blocks is None and decoded.num_rejected == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_finite_blocks_finds_every_nan_and_inf_and_nothing_else(dtype):
+    generator = torch.Generator().manual_seed(3)
+    blocks = (torch.randn((2, 2, 6, 4, 2, 8), generator=generator) * 1e3).to(dtype)
+    blocks[:, :, 1] = torch.finfo(dtype).max  # the largest finite values are finite
+    blocks[:, :, 2] = -torch.finfo(dtype).max
+    blocks[:, :, 5] = 0.0
+    blocks[:, :, 5, 0, 0, 0] = -0.0
+    blocks[1, 1, 0, 3, 1, 7] = float("nan")
+    blocks[0, 1, 3, 0, 0, 0] = float("inf")
+    blocks[1, 0, 4, 2, 1, 3] = float("-inf")
+    expected = [False, True, True, False, False, True]
+    assert block_codec.finite_blocks(blocks).tolist() == expected
+    strided = blocks.permute(2, 0, 1, 3, 4, 5).contiguous().permute(1, 2, 0, 3, 4, 5)  # a batch read in place
+    assert block_codec.finite_blocks(strided).tolist() == expected
