@@ -192,3 +192,16 @@ def test_finite_blocks_finds_every_nan_and_inf_and_nothing_else(dtype):
     assert block_codec.finite_blocks(blocks).tolist() == expected
     strided = blocks.permute(2, 0, 1, 3, 4, 5).contiguous().permute(1, 2, 0, 3, 4, 5)  # a batch read in place
     assert block_codec.finite_blocks(strided).tolist() == expected
+
+
+@pytest.mark.parametrize("compression", [None, "int8"])
+def test_a_batch_is_the_same_bytes_from_a_tensor_a_list_or_a_pool_and_its_block_ids(compression):
+    records, blocks = _batch(4)
+    pool = torch.zeros((2, LAYOUT.num_layers, 9, LAYOUT.block_size, LAYOUT.num_kv_heads, LAYOUT.head_dim), dtype=LAYOUT.dtype)
+    ids = [7, 2, 5, 0]
+    pool[:, :, ids] = blocks
+    from_tensor = encode(records, blocks, FINGERPRINT, LAYOUT, compression)
+    assert np.array_equal(encode(records, list(blocks.unbind(2)), FINGERPRINT, LAYOUT, compression), from_tensor)
+    assert np.array_equal(encode(records, pool, FINGERPRINT, LAYOUT, compression, source_blocks=ids), from_tensor)
+    with pytest.raises(ValueError, match="4 records for 3 source blocks"):
+        encode(records, pool, FINGERPRINT, LAYOUT, compression, source_blocks=ids[:3])
