@@ -182,11 +182,23 @@ def _render_in_child(environment, compiled: dict, template: str, limit: int, rea
     return "".join(pieces)
 
 
+def _cap_memory() -> None:
+    """Caps this process's address space (``RLIMIT_AS``), or where a system refuses that (macOS
+    does) its data segment; where neither can be set, renders are bounded by the parent's
+    timeout alone."""
+    for limit in (resource.RLIMIT_AS, resource.RLIMIT_DATA):
+        try:
+            resource.setrlimit(limit, (RENDER_MEMORY_BYTES, RENDER_MEMORY_BYTES))
+            return
+        except (ValueError, OSError):
+            continue
+
+
 def _serve() -> None:
     """The child: caps its memory, then answers requests until its stdin closes."""
     from jinja2.exceptions import TemplateError
 
-    resource.setrlimit(resource.RLIMIT_AS, (RENDER_MEMORY_BYTES, RENDER_MEMORY_BYTES))
+    _cap_memory()
     environment, compiled = _environment(), {}
     requests, answers = sys.stdin.fileno(), sys.stdout.fileno()
     while True:
