@@ -266,7 +266,7 @@ class DiskTier:
         """The block's ``[2, layers, 1, ...]`` KV, or None if absent, not this block, or corrupt."""
         with self._lock:
             entry = self._index.get(key)
-        if entry is None:
+        if entry is None or self._dir_fd is None:  # absent, or the tier is closed
             return None
         if entry.parent != parent or entry.tokens != tokens:  # the header lies, or keys collided
             self._reject(key, entry, "a segment holds a block under another block's key")
