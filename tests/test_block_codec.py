@@ -205,3 +205,29 @@ def test_a_batch_is_the_same_bytes_from_a_tensor_a_list_or_a_pool_and_its_block_
     assert np.array_equal(encode(records, pool, FINGERPRINT, LAYOUT, compression, source_blocks=ids), from_tensor)
     with pytest.raises(ValueError, match="4 records for 3 source blocks"):
         encode(records, pool, FINGERPRINT, LAYOUT, compression, source_blocks=ids[:3])
+
+
+@pytest.mark.parametrize("compression", [None, "int8"])
+@pytest.mark.parametrize("integrity_key", [None, SECRET])
+def test_the_pieces_of_a_batch_are_the_batch(compression, integrity_key):
+    records, blocks = _batch(5)
+    pieces = block_codec.encode_pieces(records, blocks, FINGERPRINT, LAYOUT, compression, integrity_key)
+    joined = b"".join(bytes(piece) for piece in pieces)
+    assert joined == bytes(encode(records, blocks, FINGERPRINT, LAYOUT, compression, integrity_key))
+    strided = blocks.permute(2, 0, 1, 3, 4, 5).contiguous().permute(1, 2, 0, 3, 4, 5)  # block-major underneath
+    assert b"".join(bytes(p) for p in block_codec.encode_pieces(records, strided, FINGERPRINT, LAYOUT, compression, integrity_key)) == joined
+
+
+def test_a_segment_written_in_short_writes_is_whole(tmp_path, monkeypatch):
+    """``writev`` may write less than it is given; the disk tier goes on from where it stopped."""
+    from rayk.cache import disk_tier
+    from rayk.cache.policies import make_policy
+
+    writev = disk_tier.os.writev
+    monkeypatch.setattr(disk_tier.os, "writev", lambda fd, buffers: writev(fd, [memoryview(buffers[0])[:1000]]))
+    records, blocks = _batch(3)
+    tier = disk_tier.DiskTier(tmp_path, LAYOUT, FINGERPRINT, 1 << 20, make_policy("lru"))
+    tier.store(records, blocks)
+    assert tier.flush() and len(tier) == 3
+    assert torch.equal(tier.read(records[2].key, records[2].parent, records[2].tokens), blocks[:, :, 2:3])
+    tier.close()

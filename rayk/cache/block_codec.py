@@ -150,15 +150,61 @@ def encode(
         payload[:, count:].view(torch.float32).view(n, 2, layout.num_layers, layout.num_kv_heads).copy_(scales.permute(2, 0, 1, 3))
     rows = buffer[offset:].reshape(n, size)
     for entry, row in zip(entries, rows):
-        entry[4] = _checksum(row, checksum)
-    if integrity_key is not None:
-        mac = _mac(integrity_key, fingerprint, layout, compression, size, entries)
-    final = _pack_header(fingerprint, layout, compression, size, entries, mac)
-    assert len(final) == len(header), "checksums and the MAC are fixed-width: the header keeps its length"
-    buffer[: len(MAGIC)] = np.frombuffer(MAGIC, dtype=np.uint8)
-    buffer[len(MAGIC) : PREFIX_BYTES] = np.frombuffer(len(final).to_bytes(4, "little"), dtype=np.uint8)
-    buffer[PREFIX_BYTES:offset] = np.frombuffer(final, dtype=np.uint8)
+        entry[4] = _checksum([row], checksum)
+    head = _head(fingerprint, layout, compression, size, entries, integrity_key)
+    assert len(head) == offset, "checksums and the MAC are fixed-width: the header keeps its length"
+    buffer[:offset] = np.frombuffer(head, dtype=np.uint8)
     return buffer
+
+
+def encode_pieces(
+    records: Sequence[BlockRecord],
+    blocks: torch.Tensor,
+    fingerprint: bytes,
+    layout: KVLayout,
+    compression: str | None = None,
+    integrity_key: bytes | None = None,
+) -> list:
+    """The same batch as ``encode``, as buffers to write one after the other (``os.writev``)
+    instead of one buffer: the prefix and header (bytes), then each block's payload as the
+    contiguous runs it already is in ``blocks`` (1-D uint8 arrays) (a CPU ``[2, layers, n, ...]`` tensor, kept alive by the
+    pieces), checksummed run by run. Nothing is copied but what int8 compression makes.
+
+    For the disk tier: a file is written from the pieces in one pass, where ``encode`` would first
+    copy every block into the batch. The runs (one layer's K or V of one block, 12 to 32 KiB)
+    are below the size at which xxhash lets go of the GIL, so a write beside a busy engine thread
+    does not wait to win it back thousands of times (see ``encode``)."""
+    size = block_bytes(layout, compression)
+    checksum = "xxh3-64" if integrity_key is None else "sha256"
+    n = len(records)
+    if n > MAX_BATCH_BLOCKS or blocks.shape[2] != n:
+        raise ValueError(f"{n} records for {blocks.shape[2]} blocks (at most {MAX_BATCH_BLOCKS})")
+    blocks = blocks.detach().cpu()
+    if compression is None:
+        runs = _byte_runs(blocks)  # [2, layers, n, run bytes]
+        per_block = [[runs[k, layer, i] for k in range(2) for layer in range(layout.num_layers)] for i in range(n)]
+    else:
+        q, scales = quantize_int8(blocks)
+        runs = _byte_runs(q)
+        block_scales = scales.permute(2, 0, 1, 3).contiguous().view(torch.uint8).numpy().reshape(n, -1)
+        per_block = [[runs[k, layer, i] for k in range(2) for layer in range(layout.num_layers)] + [block_scales[i]] for i in range(n)]
+    entries = [[r.key, r.parent, r.depth, token_ids_from_bytes(r.tokens), _checksum(pieces, checksum)] for r, pieces in zip(records, per_block)]
+    return [_head(fingerprint, layout, compression, size, entries, integrity_key)] + [piece for pieces in per_block for piece in pieces]
+
+
+def _byte_runs(blocks: torch.Tensor) -> np.ndarray:
+    """``[2, layers, n, block_size, kv_heads, head_dim]`` as uint8 ``[2, layers, n, run bytes]``,
+    a view (a copy only if a block's layer is not one contiguous run)."""
+    if not blocks[0, 0, 0].is_contiguous():
+        blocks = blocks.contiguous()
+    return blocks.view(torch.uint8).numpy().reshape(*blocks.shape[:3], -1)
+
+
+def _head(fingerprint: bytes, layout: KVLayout, compression: str | None, size: int, entries: list, integrity_key: bytes | None) -> bytes:
+    """The magic, the header's length and the header, sealed with ``integrity_key`` if given."""
+    mac = None if integrity_key is None else _mac(integrity_key, fingerprint, layout, compression, size, entries)
+    header = _pack_header(fingerprint, layout, compression, size, entries, mac)
+    return MAGIC + len(header).to_bytes(4, "little") + header
 
 
 def _pack_header(fingerprint: bytes, layout: KVLayout, compression: str | None, size: int, entries: list, mac: bytes | None) -> bytes:
@@ -176,10 +222,12 @@ def _pack_header(fingerprint: bytes, layout: KVLayout, compression: str | None, 
     return msgpack.packb(header, use_bin_type=True)
 
 
-def _checksum(payload: np.ndarray, algorithm: str) -> bytes:
-    if algorithm == "xxh3-64":
-        return xxhash.xxh3_64_intdigest(payload).to_bytes(8, "little")
-    return hashlib.sha256(payload).digest()
+def _checksum(pieces: Sequence[np.ndarray], algorithm: str) -> bytes:
+    """The checksum of one block's payload, given as the buffers it is made of, in order."""
+    digest = xxhash.xxh3_64() if algorithm == "xxh3-64" else hashlib.sha256()
+    for piece in pieces:
+        digest.update(piece)
+    return digest.intdigest().to_bytes(8, "little") if algorithm == "xxh3-64" else digest.digest()
 
 
 def _mac(integrity_key: bytes, fingerprint: bytes, layout: KVLayout, compression: str | None, size: int, entries: list) -> bytes:
@@ -285,7 +333,7 @@ def _record(index: int, entry, block_size: int, checksum_bytes: int) -> BlockRec
 def verified(payload: np.ndarray, checksum: bytes) -> bool:
     """Whether one block's payload bytes match their checksum (xxh3-64 or SHA-256, told apart by
     its length)."""
-    return _checksum(payload, "xxh3-64" if len(checksum) == 8 else "sha256") == checksum
+    return _checksum([payload], "xxh3-64" if len(checksum) == 8 else "sha256") == checksum
 
 
 def decode_payloads(payloads: Sequence[np.ndarray], compression: str | None, layout: KVLayout) -> torch.Tensor:

@@ -108,6 +108,7 @@ _STALE_TEMPORARY_S = 3600.0  # a temporary file this old was left by a crash, no
 _READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 _TEMPORARY_NAME = re.compile(r"\.[0-9a-f]{24}\.tmp")
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+_MAX_WRITE_BUFFERS = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 _DIRECTORY_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 logger = logging.getLogger(__name__)
@@ -142,6 +143,21 @@ class _SegmentDirRefused(OSError):
 
     def __init__(self, segment_dir: Path, why: str):
         super().__init__(f"the segment directory {str(segment_dir)!r} {why}")
+
+
+def _write_all(descriptor: int, views: list[memoryview]) -> None:
+    """Writes every byte of ``views``, in order, with as few ``writev`` calls as the system's
+    limit on buffers per call allows (a short write goes on from where it stopped)."""
+    at = 0
+    while at < len(views):
+        batch = views[at : at + _MAX_WRITE_BUFFERS]
+        written = os.writev(descriptor, batch)
+        for view in batch:
+            if written < view.nbytes:
+                views[at] = view[written:]
+                break
+            written -= view.nbytes
+            at += 1
 
 
 @dataclass(eq=False)
@@ -463,11 +479,12 @@ class DiskTier:
             return False
         if len(fresh) < len(records):
             records, blocks = [records[i] for i in fresh], blocks[:, :, fresh]
-        buffer = block_codec.encode(records, blocks, self.fingerprint, self.layout, self.compression, self.integrity_key)
-        if len(buffer) > self.max_bytes:
+        pieces = block_codec.encode_pieces(records, blocks, self.fingerprint, self.layout, self.compression, self.integrity_key)
+        size = len(pieces[0]) + len(records) * block_codec.block_bytes(self.layout, self.compression)
+        if size > self.max_bytes:
             return False
         with self._lock:
-            self._make_room(len(buffer))
+            self._make_room(size)
         token = secrets.token_hex(12)
         name, temporary = f"seg-{token}{SUFFIX}", f".{token}.tmp"
         directory = self._directory_fd()
@@ -476,33 +493,34 @@ class DiskTier:
             if fresh is not None:
                 self._removed_dir_fds.append(directory)
                 self._dir_fd = directory = fresh
-        self._write_file(directory, temporary, buffer)  # a name already taken is left alone: not ours
+        self._write_file(directory, temporary, pieces)  # a name already taken is left alone: not ours
         try:
             # replaces a link at ``name`` itself, never its target
             os.replace(temporary, name, src_dir_fd=directory, dst_dir_fd=directory)
         except BaseException:
             self._unlink(temporary)
             raise
-        header = block_codec.read_header(buffer, self.fingerprint, self.layout, integrity_key=self.integrity_key)
+        header = block_codec.read_header(pieces[0], self.fingerprint, self.layout, total_size=size, integrity_key=self.integrity_key)
         with self._lock:
             if generation != self._generation:  # cleared while it was written (a hung write)
                 self._unlink(name)
                 return True
-            self._add_segment(name, header, len(buffer))
+            self._add_segment(name, header, size)
         self.num_stored += len(records)
         return True
 
     @staticmethod
-    def _write_file(directory: int, temporary: str, buffer: np.ndarray) -> None:
-        """Writes the segment's bytes to a file created exclusively in the open ``directory``,
-        never through a link; a file it created and could not fill is removed."""
+    def _write_file(directory: int, temporary: str, pieces: list) -> None:
+        """Writes the segment's pieces, in order, to a file created exclusively in the open
+        ``directory``, never through a link; a file it created and could not fill is removed."""
         descriptor = os.open(temporary, _WRITE_FLAGS, 0o600, dir_fd=directory)
         try:
-            with os.fdopen(descriptor, "wb") as f:
-                f.write(buffer.data)
+            _write_all(descriptor, [memoryview(piece) for piece in pieces])
         except BaseException:
             os.unlink(temporary, dir_fd=directory)
             raise
+        finally:
+            os.close(descriptor)
 
     def _make_room(self, size: int) -> None:
         """Deletes the segments of policy-chosen blocks until ``size`` more bytes fit (caller
