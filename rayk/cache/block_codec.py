@@ -59,6 +59,7 @@ _CHECKSUM_BYTES = {"xxh3-64": 8, "sha256": 32}
 _MAC_DOMAIN = b"rayk-block-batch-mac-v1\0"
 _TO_PAGED = (1, 2, 0, 3, 4, 5)  # a block-major [n, 2, layers, ...] view as [2, layers, n, ...]
 _FINITE_CHUNK_BYTES = 32 << 20  # scratch of finite_blocks
+_HASH_RUN_BYTES = 32 << 10
 
 
 class BlockBatchError(ValueError):
@@ -223,11 +224,20 @@ def _pack_header(fingerprint: bytes, layout: KVLayout, compression: str | None, 
 
 
 def _checksum(pieces: Sequence[np.ndarray], algorithm: str) -> bytes:
-    """The checksum of one block's payload, given as the buffers it is made of, in order."""
-    digest = xxhash.xxh3_64() if algorithm == "xxh3-64" else hashlib.sha256()
+    """The checksum of one block's payload, given as the buffers it is made of, in order. An
+    xxh3 digest is fed ``_HASH_RUN_BYTES`` at a time: xxhash keeps the GIL for runs that short,
+    where for a whole block it lets go and must win it back (see ``encode``); the digest is the
+    same."""
+    if algorithm == "xxh3-64":
+        digest = xxhash.xxh3_64()
+        for piece in pieces:
+            for start in range(0, len(piece), _HASH_RUN_BYTES):
+                digest.update(piece[start : start + _HASH_RUN_BYTES])
+        return digest.intdigest().to_bytes(8, "little")
+    digest = hashlib.sha256()
     for piece in pieces:
         digest.update(piece)
-    return digest.intdigest().to_bytes(8, "little") if algorithm == "xxh3-64" else digest.digest()
+    return digest.digest()
 
 
 def _mac(integrity_key: bytes, fingerprint: bytes, layout: KVLayout, compression: str | None, size: int, entries: list) -> bytes:
