@@ -96,3 +96,15 @@ def test_a_rendering_is_bounded_by_the_callers_token_budget(tiny_llama_dir):
         tokenizer.apply_chat_template(long, max_tokens=16)
     assert tokenizer.apply_chat_template(long) == long[0]["content"]  # no budget: only the global bound
     assert tokenizer.apply_chat_template(CONVERSATION, tokenize=True, max_tokens=16) == tokenizer.encode("hi", add_special_tokens=False)
+
+
+def test_the_template_process_holds_none_of_the_callers_secrets(tiny_llama_dir, monkeypatch):
+    """Templates are code from model files: the process running them inherits only what finds
+    Python, not a deployment's secrets kept in the environment."""
+    from rayk.model import template_sandbox
+
+    monkeypatch.setenv("RAYK_TEST_SECRET", "a deployment secret")
+    template_sandbox._RENDERER.stop()  # the next render starts a child with the environment as it is now
+    assert _tokenizer(tiny_llama_dir, "{{ messages[0].content }}").apply_chat_template(CONVERSATION) == "hi"
+    environment = open(f"/proc/{template_sandbox._RENDERER._process.pid}/environ", "rb").read().split(b"\0")
+    assert environment and not any(entry.startswith(b"RAYK_TEST_SECRET=") for entry in environment)

@@ -44,6 +44,9 @@ RENDER_MEMORY_BYTES = 1 << 30
 """The child's address space: the interpreter and Jinja take about 60 MB of it, a render the rest."""
 _MAX_POWER_EXPONENT = 1024  # ``a ** b`` in a template: larger exponents of |a| > 1 build huge ints
 _MAX_FRAME_BYTES = 1 << 28  # a request or answer: four times the longest text, in UTF-8
+_CHILD_ENVIRONMENT = ("PATH", "PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "LANG", "LC_ALL", "TMPDIR")
+"""All the child inherits of the environment: what finds Python and rayk. Secrets a deployment
+keeps in variables (an integrity key, a tenant secret) stay out of the process running templates."""
 
 
 def render(template: str, limit: int, reason: str, context: dict) -> str:
@@ -91,6 +94,7 @@ class _Renderer:
                 stdout=subprocess.PIPE,
                 bufsize=0,
                 close_fds=True,
+                env={name: os.environ[name] for name in _CHILD_ENVIRONMENT if name in os.environ},
             )
         return self._process
 
