@@ -168,8 +168,9 @@ def encode_pieces(
 ) -> list:
     """The same batch as ``encode``, as buffers to write one after the other (``os.writev``)
     instead of one buffer: the prefix and header (bytes), then each block's payload as the
-    contiguous runs it already is in ``blocks`` (1-D uint8 arrays) (a CPU ``[2, layers, n, ...]`` tensor, kept alive by the
-    pieces), checksummed run by run. Nothing is copied but what int8 compression makes.
+    contiguous runs it already is in ``blocks``, a ``[2, layers, n, ...]`` tensor (1-D uint8
+    arrays over its memory, which keep it alive), checksummed run by run. Nothing is copied but
+    what int8 compression makes (and a CUDA tensor's move to the CPU).
 
     For the disk tier: a file is written from the pieces in one pass, where ``encode`` would first
     copy every block into the batch. The runs (one layer's K or V of one block, 12 to 32 KiB)
