@@ -15,8 +15,26 @@ from rayk.cache.policies import EvictionPolicy, make_policy
 from rayk.hashing import HASH_ALGORITHMS
 
 ATTENTION_BACKENDS = ("auto", "torch", "flash_attn")
-MIN_INTEGRITY_KEY_BYTES = 16
+MIN_SECRET_BYTES = 16
+"""The shortest secret rayk takes from an environment variable (an integrity key, a tenant secret)."""
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def check_env_name(option: str, name) -> None:
+    """A ValueError naming ``option`` unless ``name`` can name an environment variable."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise ValueError(f"{option} must name an environment variable (letters, digits, _), got {name!r}")
+
+
+def secret_from_env(option: str, name: str, where: str) -> bytes:
+    """The secret in the environment variable ``name`` of this process, at least
+    ``MIN_SECRET_BYTES`` bytes; a ValueError naming ``option``, the variable and ``where`` (never
+    the value) if it is unset or shorter."""
+    value = os.environ.get(name)
+    if value is None or len(value.encode("utf-8")) < MIN_SECRET_BYTES:
+        state = "is not set" if value is None else f"holds fewer than {MIN_SECRET_BYTES} bytes"
+        raise ValueError(f"{option}: the environment variable {name} {state} {where}")
+    return value.encode("utf-8")
 
 
 def _check_positive_int(owner: str, name: str, value, allow_none: bool = False) -> None:
@@ -79,7 +97,7 @@ class CacheConfig:
     blocks stored as int8 with a scale per block and head (approximate; off by default).
     ``disk_write_timeout_s``: a segment write running longer is *hung* (the disk tier stops
     waiting for it and drops new blocks until it ends). ``integrity_key_env`` names an environment
-    variable holding a per-deployment secret (at least ``MIN_INTEGRITY_KEY_BYTES`` bytes), read
+    variable holding a per-deployment secret (at least ``MIN_SECRET_BYTES`` bytes), read
     in the process that builds the cache: with it, the disk tier, snapshots and peer transfers
     seal what they write with an HMAC under that key and refuse whatever is not sealed under it
     (for directories others can write to). The config holds the variable's name, never the secret.
@@ -106,11 +124,7 @@ class CacheConfig:
         without one); a ValueError naming the variable, never its value, if it is unset or short."""
         if self.integrity_key_env is None:
             return None
-        value = os.environ.get(self.integrity_key_env)
-        if value is None or len(value.encode("utf-8")) < MIN_INTEGRITY_KEY_BYTES:
-            state = "is not set" if value is None else f"holds fewer than {MIN_INTEGRITY_KEY_BYTES} bytes"
-            raise ValueError(f"CacheConfig.integrity_key_env: the environment variable {self.integrity_key_env} {state} in this process")
-        return value.encode("utf-8")
+        return secret_from_env("CacheConfig.integrity_key_env", self.integrity_key_env, "in this process")
 
     def compression(self, tier: str) -> bool:
         """Whether ``tier`` ("host" or "disk") stores blocks as int8."""
@@ -146,8 +160,8 @@ class CacheConfig:
         timeout = self.disk_write_timeout_s
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
             raise ValueError(f"CacheConfig.disk_write_timeout_s must be a number of seconds > 0, got {timeout!r}")
-        if self.integrity_key_env is not None and not (isinstance(self.integrity_key_env, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.integrity_key_env)):
-            raise ValueError(f"CacheConfig.integrity_key_env must name an environment variable (letters, digits, _), got {self.integrity_key_env!r}")
+        if self.integrity_key_env is not None:
+            check_env_name("CacheConfig.integrity_key_env", self.integrity_key_env)
         settings = self.compress.items() if isinstance(self.compress, dict) else [("host", self.compress)]
         for tier, setting in settings:
             if tier not in ("host", "disk") or setting not in (None, "int8"):

@@ -17,8 +17,9 @@ import pytest
 import ray
 
 import rayk
-from rayk.cluster.tenancy import MIN_SECRET_BYTES, TENANT_SALTS_NAME, derive_salt
+from rayk.cluster.tenancy import TENANT_SALTS_NAME, derive_salt
 from rayk.cluster.worker import worker_actor_name
+from rayk.config import MIN_SECRET_BYTES
 from rayk.hashing import MAX_CACHE_SALT_BYTES, WEAK_KEYS_ENV, BlockHasher
 from tests.conftest import BLOCK_SIZE, hf_greedy, local_ray_nodes, random_prompts
 

@@ -3,7 +3,7 @@
 A deployment started with ``rayk.Cluster(..., tenant_secret_env="NAME")`` runs one more named,
 detached actor, ``rayk-tenant-salts``. It reads the cluster secret from the environment variable
 NAME in its own process (set it on every node, as the Ray token is set; at least
-``MIN_SECRET_BYTES`` bytes) and answers one question: the cache salt of a tenant id,
+``rayk.config.MIN_SECRET_BYTES`` bytes) and answers one question: the cache salt of a tenant id,
 ``HMAC-SHA256(secret, "rayk-tenant-salt-v1\\0" || tenant id)``, 32 bytes.
 
 Why this shape. Routing needs a request's salted block keys, and the driver hashes prompts (the
@@ -25,16 +25,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
-import re
-
 import ray
 
+from rayk.config import check_env_name, secret_from_env
 from rayk.hashing import MAX_CACHE_SALT_BYTES
 
 TENANT_SALTS_NAME = "rayk-tenant-salts"
 """The actor's name: with the ``rayk-`` prefix it is shut down and killed with the deployment."""
-MIN_SECRET_BYTES = 16
 MAX_TENANT_BYTES = MAX_CACHE_SALT_BYTES
 """The longest tenant id, in UTF-8 bytes."""
 _DOMAIN = b"rayk-tenant-salt-v1\0"
@@ -42,8 +39,7 @@ _DOMAIN = b"rayk-tenant-salt-v1\0"
 
 def check_secret_env(name) -> None:
     """A ValueError unless ``name`` can name an environment variable."""
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-        raise ValueError(f"tenant_secret_env must name an environment variable (letters, digits, _), got {name!r}")
+    check_env_name("tenant_secret_env", name)
 
 
 def check_tenant(tenant) -> str:
@@ -66,11 +62,7 @@ class TenantSalts:
     """Holds the cluster secret and derives tenants' salts (see the module docstring)."""
 
     def __init__(self, secret_env: str):
-        value = os.environ.get(secret_env)
-        if value is None or len(value.encode("utf-8")) < MIN_SECRET_BYTES:
-            state = "is not set" if value is None else f"holds fewer than {MIN_SECRET_BYTES} bytes"
-            raise ValueError(f"tenant_secret_env: the environment variable {secret_env} {state} on the node running {TENANT_SALTS_NAME}")
-        self._secret = value.encode("utf-8")
+        self._secret = secret_from_env("tenant_secret_env", secret_env, f"on the node running {TENANT_SALTS_NAME}")
 
     def ready(self) -> bool:
         return True
