@@ -112,7 +112,8 @@ def _directory_tokenizer(path: Path, arch: DecoderArchitecture) -> TextTokenizer
 
 def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, cache_dir: Path | None, progress: LoadProgress) -> LoadedModel:
     # The GGUF's whole content names its cache entry and goes into the weights identity.
-    source = file_digest(Path(readable(path)))
+    readable(path)
+    source = file_digest(path)
     entry = cache_entry(cache_dir, source) if cache_dir is not None else None
     progress.stage("reading the converted copy")
     cached = load_cached(entry, dtype, source) if entry is not None and entry.is_dir() else None

@@ -18,9 +18,10 @@ the caller's character limit.
 Protocol: frames of a 4-byte little-endian length and a msgpack body, over the child's stdin and
 stdout. A request is ``[template, limit, why that limit, context]`` (the context is plain values);
 the answer is ``["ok", text]``, ``["error", message]``, or ``["exit", message]`` when the child
-ran out of memory and exits (whatever the failed allocation left, a new child starts clean). The child keeps compiled templates by their source.
-One child serves a whole process, its threads in turn, and starts on the first render (about
-0.1 s); it exits when its stdin closes, so it never outlives its parent.
+ran out of memory and exits (whatever the failed allocation left, a new child starts clean). The
+child keeps compiled templates by their source. One child serves a whole process, its threads in
+turn, and starts on the first render (about 0.1 s); it exits when its stdin closes, so it never
+outlives its parent.
 """
 
 from __future__ import annotations
