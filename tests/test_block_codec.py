@@ -194,6 +194,22 @@ def test_finite_blocks_finds_every_nan_and_inf_and_nothing_else(dtype):
     assert block_codec.finite_blocks(strided).tolist() == expected
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_finite_blocks_agrees_with_isfinite_on_every_bit_pattern(dtype):
+    """Every 16-bit pattern, and for float32 the edges of each class plus random patterns, as
+    one-value blocks: negative NaNs and the NaNs of every payload included."""
+    if dtype == torch.float32:
+        edges = [0, 0x7F7FFFFF, 0x7F800000, 0x7F800001, 0x7FFFFFFF, 0x80000000, 0xFF7FFFFF, 0xFF800000, 0xFF800001, 0xFFFFFFFF, 1, 0x80000001]
+        generator = torch.Generator().manual_seed(5)
+        random = torch.randint(0, 1 << 32, (1 << 16,), generator=generator, dtype=torch.int64).tolist()
+        patterns = torch.tensor([p - (1 << 32) if p >= 1 << 31 else p for p in edges + random], dtype=torch.int32)
+    else:
+        patterns = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)
+    values = patterns.view(dtype)
+    blocks = values.view(1, 1, -1, 1, 1, 1)
+    assert torch.equal(block_codec.finite_blocks(blocks), torch.isfinite(values))
+
+
 @pytest.mark.parametrize("compression", [None, "int8"])
 def test_a_batch_is_the_same_bytes_from_a_tensor_a_list_or_a_pool_and_its_block_ids(compression):
     records, blocks = _batch(4)

@@ -287,7 +287,11 @@ class DiskTier:
         if entry.parent != parent or entry.tokens != tokens:  # the header lies, or keys collided
             self._reject(key, entry, "a segment holds a block under another block's key")
             return None
-        payload = np.empty(entry.end - entry.start, dtype=np.uint8)  # read into once: no bytes object
+        blocks = None
+        if entry.segment.compression is None and entry.end - entry.start == self.layout.bytes_per_block:
+            blocks, payload = block_codec.empty_block(self.layout)  # read into the block itself
+        else:
+            payload = np.empty(entry.end - entry.start, dtype=np.uint8)  # read into once: no bytes object
         try:
             with open_regular(entry.segment.name, dir_fd=self._directory_fd()) as f:
                 f.seek(entry.start)
@@ -297,7 +301,8 @@ class DiskTier:
         if num_read != len(payload) or not block_codec.verified(payload, entry.checksum):
             self._reject(key, entry, "a block failed its checksum (flipped or cut short)")
             return None
-        blocks = block_codec.decode_payloads([payload], entry.segment.compression, self.layout)
+        if blocks is None:
+            blocks = block_codec.decode_payloads([payload], entry.segment.compression, self.layout)
         if not block_codec.finite_blocks(blocks).all():  # a planted block with a recomputed checksum
             self._reject(key, entry, "a block holds non-finite values")
             return None
