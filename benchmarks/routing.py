@@ -792,6 +792,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="runs per policy; medians are reported")
     parser.add_argument("--route-samples", type=int, default=None, help="route decisions timed after each run")
     parser.add_argument("--max-minutes", type=float, default=None, help="wall-clock cap: stop, report what finished")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON goes (default: benchmarks/results/routing.json)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     for name, value in (QUICK if args.quick else FULL).items():
@@ -901,9 +902,9 @@ def main() -> None:
         "goals": checks,
         "runs": runs,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2, default=str))
-    print(f"\nwrote {RESULTS}")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(result, indent=2, default=str))
+    print(f"\nwrote {args.results}")
     if failures or stopped:
         sys.exit(1)
 
