@@ -228,19 +228,21 @@ def test_a_batch_is_the_same_bytes_from_a_tensor_a_list_or_a_pool_and_its_block_
 def test_the_pieces_of_a_batch_are_the_batch(compression, integrity_key):
     records, blocks = _batch(5)
     pieces = block_codec.encode_pieces(records, blocks, FINGERPRINT, LAYOUT, compression, integrity_key)
-    joined = b"".join(bytes(piece) for piece in pieces)
+    assert len(pieces.head) == pieces.head_bytes  # known before any checksum, so the payload can go first
+    joined = b"".join([pieces.head, *(bytes(piece) for piece in pieces.payload)])
     assert joined == bytes(encode(records, blocks, FINGERPRINT, LAYOUT, compression, integrity_key))
     strided = blocks.permute(2, 0, 1, 3, 4, 5).contiguous().permute(1, 2, 0, 3, 4, 5)  # block-major underneath
-    assert b"".join(bytes(p) for p in block_codec.encode_pieces(records, strided, FINGERPRINT, LAYOUT, compression, integrity_key)) == joined
+    pieces = block_codec.encode_pieces(records, strided, FINGERPRINT, LAYOUT, compression, integrity_key)
+    assert b"".join([pieces.head, *(bytes(p) for p in pieces.payload)]) == joined
 
 
 def test_a_segment_written_in_short_writes_is_whole(tmp_path, monkeypatch):
-    """``writev`` may write less than it is given; the disk tier goes on from where it stopped."""
+    """``pwritev`` may write less than it is given; the disk tier goes on from where it stopped."""
     from rayk.cache import disk_tier
     from rayk.cache.policies import make_policy
 
-    writev = disk_tier.os.writev
-    monkeypatch.setattr(disk_tier.os, "writev", lambda fd, buffers: writev(fd, [memoryview(buffers[0])[:1000]]))
+    pwritev = disk_tier.os.pwritev
+    monkeypatch.setattr(disk_tier.os, "pwritev", lambda fd, buffers, offset: pwritev(fd, [memoryview(buffers[0])[:1000]], offset))
     records, blocks = _batch(3)
     tier = disk_tier.DiskTier(tmp_path, LAYOUT, FINGERPRINT, 1 << 20, make_policy("lru"))
     tier.store(records, blocks)

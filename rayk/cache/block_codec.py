@@ -33,6 +33,7 @@ blocks that are exactly what was written for this model, or a miss.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import warnings
@@ -110,7 +111,7 @@ def encode(
     thread of the process runs Python that costs up to the 5 ms switch interval per call. Copying
     128 blocks one by one took 743 ms instead of 4 beside a busy thread (measured)."""
     size = block_bytes(layout, compression)
-    checksum = "xxh3-64" if integrity_key is None else "sha256"
+    checksum = _checksum_algorithm(integrity_key)
     n = len(records)
     if n > MAX_BATCH_BLOCKS:
         raise ValueError(f"a batch holds at most {MAX_BATCH_BLOCKS} blocks, got {n}")
@@ -126,10 +127,7 @@ def encode(
     count = n if gather_index is not None else blocks.shape[2] if isinstance(blocks, torch.Tensor) else len(blocks)
     if count != n:
         raise ValueError(f"{n} records for {count} blocks")
-    entries = [[r.key, r.parent, r.depth, token_ids_from_bytes(r.tokens), bytes(_CHECKSUM_BYTES[checksum])] for r in records]
-    mac = None if integrity_key is None else bytes(32)
-    header = _pack_header(fingerprint, layout, compression, size, entries, mac)
-    offset = PREFIX_BYTES + len(header)
+    offset = _head_bytes(records, fingerprint, layout, compression, integrity_key)
     buffer = np.empty(offset + n * size, dtype=np.uint8)
     payload = torch.from_numpy(buffer[offset:]).view(n, size)
     block_shape = _block_shape(layout)
@@ -149,12 +147,45 @@ def encode(
         payload[:, :count].view(torch.int8).view(n, *block_shape).copy_(q.permute(2, 0, 1, 3, 4, 5))
         payload[:, count:].view(torch.float32).view(n, 2, layout.num_layers, layout.num_kv_heads).copy_(scales.permute(2, 0, 1, 3))
     rows = buffer[offset:].reshape(n, size)
-    for entry, row in zip(entries, rows):
-        entry[4] = _checksum([row], checksum)
+    entries = [_entry(record, _checksum([row], checksum)) for record, row in zip(records, rows)]
     head = _head(fingerprint, layout, compression, size, entries, integrity_key)
     assert len(head) == offset, "checksums and the MAC are fixed-width: the header keeps its length"
     buffer[:offset] = np.frombuffer(head, dtype=np.uint8)
     return buffer
+
+
+@dataclass
+class BatchPieces:
+    """The same batch as ``encode``, as buffers to write instead of one buffer: ``payload``,
+    each block's payload as the contiguous runs it already is in the source tensor (1-D uint8
+    arrays over its memory, which keep it alive), goes at byte ``head_bytes`` of the file, and
+    ``head`` (the prefix and the header, exactly ``head_bytes`` long) before it. Nothing in the
+    payload depends on the checksums, so it may be written while ``head`` computes them."""
+
+    records: tuple[BlockRecord, ...]
+    per_block: tuple[tuple[np.ndarray, ...], ...]
+    fingerprint: bytes
+    layout: KVLayout
+    compression: str | None
+    integrity_key: bytes | None
+
+    @property
+    def payload(self) -> list[np.ndarray]:
+        return [piece for pieces in self.per_block for piece in pieces]
+
+    @property
+    def head_bytes(self) -> int:
+        return _head_bytes(self.records, self.fingerprint, self.layout, self.compression, self.integrity_key)
+
+    @functools.cached_property
+    def head(self) -> bytes:
+        """The prefix and header, with every block's checksum (run by run: the runs, 12 to 32
+        KiB, are below the size at which xxhash lets go of the GIL, so hashing beside a busy
+        engine thread does not wait to win it back thousands of times; see ``encode``)."""
+        algorithm = _checksum_algorithm(self.integrity_key)
+        entries = [_entry(record, _checksum(pieces, algorithm)) for record, pieces in zip(self.records, self.per_block)]
+        size = block_bytes(self.layout, self.compression)
+        return _head(self.fingerprint, self.layout, self.compression, size, entries, self.integrity_key)
 
 
 def encode_pieces(
@@ -164,33 +195,25 @@ def encode_pieces(
     layout: KVLayout,
     compression: str | None = None,
     integrity_key: bytes | None = None,
-) -> list:
-    """The same batch as ``encode``, as buffers to write one after the other (``os.writev``)
-    instead of one buffer: the prefix and header (bytes), then each block's payload as the
-    contiguous runs it already is in ``blocks``, a ``[2, layers, n, ...]`` tensor (1-D uint8
-    arrays over its memory, which keep it alive), checksummed run by run. Nothing is copied but
-    what int8 compression makes (and a CUDA tensor's move to the CPU).
+) -> BatchPieces:
+    """``blocks`` (``[2, layers, n, ...]``) as ``BatchPieces``: nothing is copied but what int8
+    compression makes (and a CUDA tensor's move to the CPU), and nothing is hashed yet.
 
     For the disk tier: a file is written from the pieces in one pass, where ``encode`` would first
-    copy every block into the batch. The runs (one layer's K or V of one block, 12 to 32 KiB)
-    are below the size at which xxhash lets go of the GIL, so a write beside a busy engine thread
-    does not wait to win it back thousands of times (see ``encode``)."""
-    size = block_bytes(layout, compression)
-    checksum = "xxh3-64" if integrity_key is None else "sha256"
+    copy every block into the batch."""
     n = len(records)
     if n > MAX_BATCH_BLOCKS or blocks.shape[2] != n:
         raise ValueError(f"{n} records for {blocks.shape[2]} blocks (at most {MAX_BATCH_BLOCKS})")
     blocks = blocks.detach().cpu()
     if compression is None:
         runs = _byte_runs(blocks)  # [2, layers, n, run bytes]
-        per_block = [[runs[k, layer, i] for k in range(2) for layer in range(layout.num_layers)] for i in range(n)]
+        per_block = tuple(tuple(runs[k, layer, i] for k in range(2) for layer in range(layout.num_layers)) for i in range(n))
     else:
         q, scales = quantize_int8(blocks)
         runs = _byte_runs(q)
         block_scales = scales.permute(2, 0, 1, 3).contiguous().view(torch.uint8).numpy().reshape(n, -1)
-        per_block = [[runs[k, layer, i] for k in range(2) for layer in range(layout.num_layers)] + [block_scales[i]] for i in range(n)]
-    entries = [[r.key, r.parent, r.depth, token_ids_from_bytes(r.tokens), _checksum(pieces, checksum)] for r, pieces in zip(records, per_block)]
-    return [_head(fingerprint, layout, compression, size, entries, integrity_key)] + [piece for pieces in per_block for piece in pieces]
+        per_block = tuple((*(runs[k, layer, i] for k in range(2) for layer in range(layout.num_layers)), block_scales[i]) for i in range(n))
+    return BatchPieces(tuple(records), per_block, fingerprint, layout, compression, integrity_key)
 
 
 def _byte_runs(blocks: torch.Tensor) -> np.ndarray:
@@ -199,6 +222,23 @@ def _byte_runs(blocks: torch.Tensor) -> np.ndarray:
     if not blocks[0, 0, 0].is_contiguous():
         blocks = blocks.contiguous()
     return blocks.view(torch.uint8).numpy().reshape(*blocks.shape[:3], -1)
+
+
+def _checksum_algorithm(integrity_key: bytes | None) -> str:
+    return "xxh3-64" if integrity_key is None else "sha256"
+
+
+def _entry(record: BlockRecord, checksum: bytes) -> list:
+    return [record.key, record.parent, record.depth, token_ids_from_bytes(record.tokens), checksum]
+
+
+def _head_bytes(records: Sequence[BlockRecord], fingerprint: bytes, layout: KVLayout, compression: str | None, integrity_key: bytes | None) -> int:
+    """The length of the head (prefix and header) of a batch of ``records``: checksums and the
+    MAC are fixed-width, so a header with placeholders for them is as long."""
+    placeholder = bytes(_CHECKSUM_BYTES[_checksum_algorithm(integrity_key)])
+    entries = [_entry(record, placeholder) for record in records]
+    mac = None if integrity_key is None else bytes(32)
+    return PREFIX_BYTES + len(_pack_header(fingerprint, layout, compression, block_bytes(layout, compression), entries, mac))
 
 
 def _head(fingerprint: bytes, layout: KVLayout, compression: str | None, size: int, entries: list, integrity_key: bytes | None) -> bytes:

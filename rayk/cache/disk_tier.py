@@ -83,6 +83,7 @@ import stat
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,13 +146,15 @@ class _SegmentDirRefused(OSError):
         super().__init__(f"the segment directory {str(segment_dir)!r} {why}")
 
 
-def _write_all(descriptor: int, views: list[memoryview]) -> None:
-    """Writes every byte of ``views``, in order, with as few ``writev`` calls as the system's
-    limit on buffers per call allows (a short write goes on from where it stopped)."""
+def _write_all(descriptor: int, views: list[memoryview], offset: int) -> None:
+    """Writes every byte of ``views``, in order, from byte ``offset`` of the file, with as few
+    ``pwritev`` calls as the system's limit on buffers per call allows (a short write goes on
+    from where it stopped)."""
     at = 0
     while at < len(views):
         batch = views[at : at + _MAX_WRITE_BUFFERS]
-        written = os.writev(descriptor, batch)
+        written = os.pwritev(descriptor, batch, offset)
+        offset += written
         for view in batch:
             if written < view.nbytes:
                 views[at] = view[written:]
@@ -247,7 +250,9 @@ class DiskTier:
         self._queue: queue.Queue = queue.Queue()
         self._closed = read_only
         self._writer = None
+        self._payload_writer: ThreadPoolExecutor | None = None
         if self._dir_fd is not None and not read_only:
+            self._payload_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayk-disk-payload")
             self._writer = threading.Thread(target=self._write_loop, name="rayk-disk-writer", daemon=True)
             self._writer.start()
 
@@ -431,6 +436,7 @@ class DiskTier:
             self._queue.put(None)
             self._writer.join()
             self._writer = None
+            self._payload_writer.shutdown()
         for descriptor in [self._dir_fd, *self._removed_dir_fds]:
             if descriptor is not None:
                 os.close(descriptor)
@@ -485,7 +491,7 @@ class DiskTier:
         if len(fresh) < len(records):
             records, blocks = [records[i] for i in fresh], blocks[:, :, fresh]
         pieces = block_codec.encode_pieces(records, blocks, self.fingerprint, self.layout, self.compression, self.integrity_key)
-        size = len(pieces[0]) + len(records) * block_codec.block_bytes(self.layout, self.compression)
+        size = pieces.head_bytes + len(records) * block_codec.block_bytes(self.layout, self.compression)
         if size > self.max_bytes:
             return False
         with self._lock:
@@ -505,7 +511,7 @@ class DiskTier:
         except BaseException:
             self._unlink(temporary)
             raise
-        header = block_codec.read_header(pieces[0], self.fingerprint, self.layout, total_size=size, integrity_key=self.integrity_key)
+        header = block_codec.read_header(pieces.head, self.fingerprint, self.layout, total_size=size, integrity_key=self.integrity_key)
         with self._lock:
             if generation != self._generation:  # cleared while it was written (a hung write)
                 self._unlink(name)
@@ -514,13 +520,19 @@ class DiskTier:
         self.num_stored += len(records)
         return True
 
-    @staticmethod
-    def _write_file(directory: int, temporary: str, pieces: list) -> None:
-        """Writes the segment's pieces, in order, to a file created exclusively in the open
-        ``directory``, never through a link; a file it created and could not fill is removed."""
+    def _write_file(self, directory: int, temporary: str, pieces: block_codec.BatchPieces) -> None:
+        """Writes the segment to a file created exclusively in the open ``directory``, never
+        through a link; a file it created and could not fill is removed. The payload goes from a
+        second thread while this one computes the head's checksums: the write waits in the kernel
+        without the GIL, so the two overlap (hashing 96 MiB takes 11 ms here, writing it 25 to 40)."""
         descriptor = os.open(temporary, _WRITE_FLAGS, 0o600, dir_fd=directory)
         try:
-            _write_all(descriptor, [memoryview(piece) for piece in pieces])
+            payload = self._payload_writer.submit(_write_all, descriptor, [memoryview(piece) for piece in pieces.payload], pieces.head_bytes)
+            try:
+                head = pieces.head
+            finally:
+                payload.result()  # done before the descriptor closes, whatever happened here
+            _write_all(descriptor, [memoryview(head)], 0)
         except BaseException:
             os.unlink(temporary, dir_fd=directory)
             raise
