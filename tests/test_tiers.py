@@ -5,6 +5,7 @@ damaged files."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -302,6 +303,38 @@ def test_a_hung_write_is_bounded_and_what_it_lands_after_a_clear_is_not_indexed(
     tier.store(records[2:], blocks[:, :, 2:])
     assert tier.flush() and len(tier) == 1 and tier.health()["hung_writes"] == 1
     tier.close()
+
+
+def test_a_write_hung_in_the_kernel_does_not_keep_the_process_from_exiting(tmp_path):
+    """The payload of a segment is written from a thread of its own; a write that never returns
+    (a dead network disk) must not hold the interpreter at exit, as a pool's worker would."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import threading
+        import torch
+        from rayk.cache import disk_tier
+        from rayk.cache.paged_kv import KVLayout
+        from rayk.cache.policies import make_policy
+        from tests.conftest import chain_records
+
+        never = threading.Event()
+        disk_tier.os.pwritev = lambda *args: never.wait()
+        records, blocks = chain_records(2)
+        tier = disk_tier.DiskTier({str(tmp_path)!r}, KVLayout(1, 4, 1, 8, torch.float32), bytes(32), 1 << 20, make_policy("lru"), write_timeout_s=0.3)
+        tier.store(records, blocks)
+        assert tier.flush() is False
+        tier.close()
+        print("closed", flush=True)
+        """
+    )
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0 and "closed" in done.stdout, done.stderr
+    assert time.monotonic() - start < 30
 
 
 def test_a_hung_disk_never_blocks_serving_or_shutdown(tiny_llama_dir, tmp_path, prompts):

@@ -83,7 +83,6 @@ import stat
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,6 +160,29 @@ def _write_all(descriptor: int, views: list[memoryview], offset: int) -> None:
                 break
             written -= view.nbytes
             at += 1
+
+
+class _DaemonCall:
+    """``fn(*args)`` on a daemon thread of its own: a write hung in the kernel (a dead network
+    disk) must not keep the interpreter from exiting, as a pool's worker thread would.
+    ``result()`` waits for it and raises what it raised."""
+
+    def __init__(self, fn, *args):
+        self._error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                fn(*args)
+            except BaseException as error:
+                self._error = error
+
+        self._thread = threading.Thread(target=run, name="rayk-disk-payload", daemon=True)
+        self._thread.start()
+
+    def result(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 @dataclass(eq=False)
@@ -250,9 +272,7 @@ class DiskTier:
         self._queue: queue.Queue = queue.Queue()
         self._closed = read_only
         self._writer = None
-        self._payload_writer: ThreadPoolExecutor | None = None
         if self._dir_fd is not None and not read_only:
-            self._payload_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayk-disk-payload")
             self._writer = threading.Thread(target=self._write_loop, name="rayk-disk-writer", daemon=True)
             self._writer.start()
 
@@ -436,7 +456,6 @@ class DiskTier:
             self._queue.put(None)
             self._writer.join()
             self._writer = None
-            self._payload_writer.shutdown()
         for descriptor in [self._dir_fd, *self._removed_dir_fds]:
             if descriptor is not None:
                 os.close(descriptor)
@@ -520,14 +539,15 @@ class DiskTier:
         self.num_stored += len(records)
         return True
 
-    def _write_file(self, directory: int, temporary: str, pieces: block_codec.BatchPieces) -> None:
+    @staticmethod
+    def _write_file(directory: int, temporary: str, pieces: block_codec.BatchPieces) -> None:
         """Writes the segment to a file created exclusively in the open ``directory``, never
         through a link; a file it created and could not fill is removed. The payload goes from a
         second thread while this one computes the head's checksums: the write waits in the kernel
         without the GIL, so the two overlap (hashing 96 MiB takes 11 ms here, writing it 25 to 40)."""
         descriptor = os.open(temporary, _WRITE_FLAGS, 0o600, dir_fd=directory)
         try:
-            payload = self._payload_writer.submit(_write_all, descriptor, [memoryview(piece) for piece in pieces.payload], pieces.head_bytes)
+            payload = _DaemonCall(_write_all, descriptor, [memoryview(piece) for piece in pieces.payload], pieces.head_bytes)
             try:
                 head = pieces.head
             finally:
