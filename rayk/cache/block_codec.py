@@ -173,7 +173,7 @@ class BatchPieces:
     def payload(self) -> list[np.ndarray]:
         return [piece for pieces in self.per_block for piece in pieces]
 
-    @property
+    @functools.cached_property
     def head_bytes(self) -> int:
         return _head_bytes(self.records, self.fingerprint, self.layout, self.compression, self.integrity_key)
 
