@@ -190,6 +190,22 @@ def test_a_rejection_only_drops_the_file_that_failed(tmp_path):
     tier.close()
 
 
+def test_a_disk_read_goes_into_the_memory_of_blocks_read_and_dropped_before(tmp_path):
+    records, blocks = chain_records(3)
+    tier = _small_disk_tier(tmp_path)
+    tier.store(records, blocks)
+    tier.flush()
+    first = tier.read(records[0].key, records[0].parent, records[0].tokens)
+    held = tier.read(records[1].key, records[1].parent, records[1].tokens)
+    address = first.data_ptr()
+    assert held.data_ptr() != address and torch.equal(first, blocks[:, :, :1])
+    del first
+    again = tier.read(records[2].key, records[2].parent, records[2].tokens)
+    assert again.data_ptr() == address
+    assert torch.equal(again, blocks[:, :, 2:3]) and torch.equal(held, blocks[:, :, 1:2])
+    tier.close()
+
+
 def test_the_host_tier_is_sized_in_bytes(tiny_llama_dir):
     llm = rayk.LLM(tiny_llama_dir, block_size=BLOCK_SIZE, num_device_blocks=8, host_bytes=1 << 20)
     host = llm.memory_profile()["host"]

@@ -59,7 +59,7 @@ MAX_BATCH_BLOCKS = 1 << 16
 _CHECKSUM_BYTES = {"xxh3-64": 8, "sha256": 32}
 _MAC_DOMAIN = b"rayk-block-batch-mac-v1\0"
 _TO_PAGED = (1, 2, 0, 3, 4, 5)  # a block-major [n, 2, layers, ...] view as [2, layers, n, ...]
-_HASH_RUN_BYTES = 32 << 10
+_HASH_RUN_BYTES = 256 << 10
 
 
 class BlockBatchError(ValueError):
@@ -267,7 +267,8 @@ def _checksum(pieces: Sequence[np.ndarray], algorithm: str) -> bytes:
     """The checksum of one block's payload, given as the buffers it is made of, in order. An
     xxh3 digest is fed ``_HASH_RUN_BYTES`` at a time: xxhash keeps the GIL for runs that short,
     where for a whole block it lets go and must win it back (see ``encode``); the digest is the
-    same."""
+    same. Measured with xxhash 4.1 beside a thread running Python: runs up to 1 MiB kept the GIL,
+    a 1.5 MiB block waited 5 ms for it; and 96 MiB took 8.3 ms in 32 KiB runs, 6.6 in 256 KiB."""
     if algorithm == "xxh3-64":
         digest = xxhash.xxh3_64()
         for piece in pieces:
@@ -477,12 +478,11 @@ def finite_blocks(blocks: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(negative_ok & positive_ok)
 
 
-def empty_block(layout: KVLayout) -> tuple[torch.Tensor, np.ndarray]:
-    """An unfilled uncompressed block, ``[2, layers, 1, ...]``, and a writable byte view of its
-    memory in payload order (block-major): a payload read into the view is the block, with no
+def block_view(payload: np.ndarray, layout: KVLayout) -> torch.Tensor:
+    """The uncompressed block ``[2, layers, 1, ...]`` whose memory is ``payload``, one block's
+    bytes in payload order (block-major): a payload read into ``payload`` is the block, with no
     copy after."""
-    block = torch.empty((2, layout.num_layers, 1, *_block_shape(layout)[2:]), dtype=layout.dtype)
-    return block, block.view(-1).view(torch.uint8).numpy()
+    return torch.from_numpy(payload).view(layout.dtype).view(_block_shape(layout)).unsqueeze(2)
 
 
 def _block_shape(layout: KVLayout) -> tuple[int, ...]:

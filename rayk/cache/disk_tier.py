@@ -14,7 +14,8 @@ engine on the same directory gets hits at once. A segment whose header is refuse
 (another model or layout, a damaged or cut-short file) is deleted and counted in
 ``num_rejected``. A block's checksum is verified each time it is read; a block that fails it
 reads as a miss (its tokens are recomputed, never served wrong) and its whole segment, now
-suspect, is deleted and counted too.
+suspect, is deleted and counted too. Blocks are read into recycled memory
+(``rayk.cache.read_buffers``), and checked while their bytes are still in the CPU's cache.
 
 Files are written by a background thread (off the request's critical path) to a temporary file
 created exclusively under an unpredictable name, never following a link, and renamed into place,
@@ -96,6 +97,7 @@ from rayk.cache.block_pool import BlockRecord
 from rayk.cache.events import EventBuffer
 from rayk.cache.paged_kv import KVLayout
 from rayk.cache.policies import BlockInfo, EvictionPolicy
+from rayk.cache.read_buffers import ReadBuffers
 from rayk.hashing import BlockHash, BlockHasher
 
 SUFFIX = ".kvb"
@@ -104,6 +106,8 @@ SEGMENT_BYTES = 64 << 20
 """A store() of more blocks than this holds is written as several segments."""
 WRITE_TIMEOUT_S = 10.0
 """A segment write running longer than this is hung (see the module doc)."""
+READ_BUFFER_BYTES = 128 << 20
+"""The memory of blocks read and then dropped that waits, at most, to be read into again."""
 _STALE_TEMPORARY_S = 3600.0  # a temporary file this old was left by a crash, not a live writer
 _READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 _TEMPORARY_NAME = re.compile(r"\.[0-9a-f]{24}\.tmp")
@@ -122,7 +126,13 @@ def segment_dir_name(fingerprint: bytes, layout: KVLayout) -> str:
 
 def open_regular(path: str | os.PathLike, dir_fd: int | None = None):
     """``path`` (relative to the directory ``dir_fd`` when given) opened for binary reading, if it
-    is a regular file; OSError otherwise.
+    is a regular file; OSError otherwise (see ``regular_descriptor``)."""
+    return os.fdopen(regular_descriptor(path, dir_fd), "rb")
+
+
+def regular_descriptor(path: str | os.PathLike, dir_fd: int | None = None) -> int:
+    """A descriptor of ``path`` (relative to the directory ``dir_fd`` when given) open for
+    reading, if it is a regular file; OSError otherwise.
 
     The check is on the open descriptor (``fstat``), so nothing swapped in between a check and the
     open slips through; ``O_NONBLOCK`` makes opening a FIFO return at once instead of waiting for
@@ -131,7 +141,7 @@ def open_regular(path: str | os.PathLike, dir_fd: int | None = None):
     try:
         if not stat.S_ISREG(os.fstat(descriptor).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
-        return os.fdopen(descriptor, "rb")
+        return descriptor
     except BaseException:
         os.close(descriptor)
         raise
@@ -243,6 +253,7 @@ class DiskTier:
         self._write_failing = False  # the last write failed: the next failure is not logged in full
         self.num_stored = 0
         self.num_loaded = 0
+        self._read_buffers = ReadBuffers(layout.bytes_per_block, READ_BUFFER_BYTES)
         self.num_evictions = 0
         self.num_write_errors = 0
         self.num_no_space = 0
@@ -312,17 +323,7 @@ class DiskTier:
         if entry.parent != parent or entry.tokens != tokens:  # the header lies, or keys collided
             self._reject(key, entry, "a segment holds a block under another block's key")
             return None
-        blocks = None
-        if entry.segment.compression is None and entry.end - entry.start == self.layout.bytes_per_block:
-            blocks, payload = block_codec.empty_block(self.layout)  # read into the block itself
-        else:
-            payload = np.empty(entry.end - entry.start, dtype=np.uint8)  # read into once: no bytes object
-        try:
-            with open_regular(entry.segment.name, dir_fd=self._directory_fd()) as f:
-                f.seek(entry.start)
-                num_read = f.readinto(payload)
-        except OSError:
-            num_read = -1
+        blocks, payload, num_read = self._load(entry)
         if num_read != len(payload) or not block_codec.verified(payload, entry.checksum):
             self._reject(key, entry, "a block failed its checksum (flipped or cut short)")
             return None
@@ -335,6 +336,27 @@ class DiskTier:
             self.policy.on_access(BlockInfo(key, entry.depth, entry.end - entry.start))
         self.num_loaded += 1
         return blocks
+
+    def _load(self, entry: _Entry) -> tuple[torch.Tensor | None, np.ndarray, int]:
+        """A block's payload as read from its segment, unchecked: the block it was read into when
+        uncompressed (else None), the bytes, and how many were read (-1: the read failed)."""
+        blocks = None
+        if entry.segment.compression is None and entry.end - entry.start == self.layout.bytes_per_block:
+            payload = self._read_buffers.take()
+            blocks = block_codec.block_view(payload, self.layout)  # read into the block itself
+        else:
+            payload = np.empty(entry.end - entry.start, dtype=np.uint8)  # read into once: no bytes object
+        try:
+            descriptor = regular_descriptor(entry.segment.name, self._directory_fd())
+        except OSError:
+            return blocks, payload, -1
+        try:  # one system call, where a file object would seek and stat as well
+            num_read = os.preadv(descriptor, [payload], entry.start)
+        except OSError:
+            num_read = -1
+        finally:
+            os.close(descriptor)
+        return blocks, payload, num_read
 
     # -- writes -------------------------------------------------------------------------------
 
