@@ -75,6 +75,19 @@ def test_an_export_stops_at_the_first_block_it_does_not_hold(tiny_llama_dir, pro
     assert block_codec.read_header(empty, source.engine.fingerprint, layout).records == ()
 
 
+def test_an_export_fills_the_memory_of_an_earlier_batch_only_once_that_batch_is_dropped(tiny_llama_dir, prompt):
+    source = _llm(tiny_llama_dir)
+    source.generate(prompt, GREEDY)
+    first = _export(source, prompt)
+    held = _export(source, prompt)
+    address = first.ctypes.data
+    assert held.ctypes.data != address and bytes(held) == bytes(first)
+    del first
+    again = _export(source, prompt)
+    assert again.ctypes.data == address and bytes(again) == bytes(held)
+    source.close()
+
+
 def test_a_damaged_block_is_left_out_and_the_rest_of_the_prefix_recomputed(tiny_llama_dir, prompt, reference):
     source, target = _llm(tiny_llama_dir), _llm(tiny_llama_dir)
     source.generate(prompt, GREEDY)

@@ -48,6 +48,7 @@ import xxhash
 from rayk.cache.block_pool import BlockRecord
 from rayk.cache.paged_kv import KVLayout
 from rayk.cache.quantization import compressed_block_bytes, dequantize_int8, quantize_int8
+from rayk.cache.recycled_memory import RecycledMemory
 from rayk.hashing import TOKEN_BYTES, token_bytes, token_ids_from_bytes
 
 MAGIC = b"RAYKBB01"
@@ -99,13 +100,15 @@ def encode(
     compression: str | None = None,
     integrity_key: bytes | None = None,
     source_blocks: Sequence[int] | None = None,
+    memory: RecycledMemory | None = None,
 ) -> np.ndarray:
     """One uint8 buffer holding the blocks, ``records[i]`` describing block i. ``blocks`` is a
     ``[2, layers, n, ...]`` tensor, copied into the buffer in one operation; or with
     ``source_blocks`` a whole pool ``[2, layers, pool_blocks, ...]``, of which those blocks are
     gathered straight into the buffer in one operation; or a list of ``[2, layers, block_size,
     kv_heads, head_dim]`` tensors (views into a pool are fine), copied once each. With
-    ``integrity_key`` the batch is sealed (see the module doc).
+    ``integrity_key`` the batch is sealed (see the module doc). The buffer is taken from
+    ``memory`` when given, else newly allocated.
 
     Why one operation: each torch call releases the GIL and must win it back, and while another
     thread of the process runs Python that costs up to the 5 ms switch interval per call. Copying
@@ -128,7 +131,7 @@ def encode(
     if count != n:
         raise ValueError(f"{n} records for {count} blocks")
     offset = _head_bytes(records, fingerprint, layout, compression, integrity_key)
-    buffer = np.empty(offset + n * size, dtype=np.uint8)
+    buffer = memory.take(offset + n * size) if memory is not None else np.empty(offset + n * size, dtype=np.uint8)
     payload = torch.from_numpy(buffer[offset:]).view(n, size)
     block_shape = _block_shape(layout)
     if compression is None:

@@ -15,7 +15,7 @@ engine on the same directory gets hits at once. A segment whose header is refuse
 ``num_rejected``. A block's checksum is verified each time it is read; a block that fails it
 reads as a miss (its tokens are recomputed, never served wrong) and its whole segment, now
 suspect, is deleted and counted too. Blocks are read into recycled memory
-(``rayk.cache.read_buffers``), and checked while their bytes are still in the CPU's cache.
+(``rayk.cache.recycled_memory``), and checked while their bytes are still in the CPU's cache.
 
 Files are written by a background thread (off the request's critical path) to a temporary file
 created exclusively under an unpredictable name, never following a link, and renamed into place,
@@ -97,7 +97,7 @@ from rayk.cache.block_pool import BlockRecord
 from rayk.cache.events import EventBuffer
 from rayk.cache.paged_kv import KVLayout
 from rayk.cache.policies import BlockInfo, EvictionPolicy
-from rayk.cache.read_buffers import ReadBuffers
+from rayk.cache.recycled_memory import RecycledMemory
 from rayk.hashing import BlockHash, BlockHasher
 
 SUFFIX = ".kvb"
@@ -106,7 +106,7 @@ SEGMENT_BYTES = 64 << 20
 """A store() of more blocks than this holds is written as several segments."""
 WRITE_TIMEOUT_S = 10.0
 """A segment write running longer than this is hung (see the module doc)."""
-READ_BUFFER_BYTES = 128 << 20
+READ_MEMORY_BYTES = 128 << 20
 """The memory of blocks read and then dropped that waits, at most, to be read into again."""
 _STALE_TEMPORARY_S = 3600.0  # a temporary file this old was left by a crash, not a live writer
 _READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -253,7 +253,7 @@ class DiskTier:
         self._write_failing = False  # the last write failed: the next failure is not logged in full
         self.num_stored = 0
         self.num_loaded = 0
-        self._read_buffers = ReadBuffers(layout.bytes_per_block, READ_BUFFER_BYTES)
+        self._read_memory = RecycledMemory(READ_MEMORY_BYTES)
         self.num_evictions = 0
         self.num_write_errors = 0
         self.num_no_space = 0
@@ -342,7 +342,7 @@ class DiskTier:
         uncompressed (else None), the bytes, and how many were read (-1: the read failed)."""
         blocks = None
         if entry.segment.compression is None and entry.end - entry.start == self.layout.bytes_per_block:
-            payload = self._read_buffers.take()
+            payload = self._read_memory.take(self.layout.bytes_per_block)
             blocks = block_codec.block_view(payload, self.layout)  # read into the block itself
         else:
             payload = np.empty(entry.end - entry.start, dtype=np.uint8)  # read into once: no bytes object

@@ -36,12 +36,16 @@ from rayk.cache.disk_tier import DiskTier
 from rayk.cache.events import STORED_TIERS, KVEvent
 from rayk.cache.host_tier import HostTier
 from rayk.cache.paged_kv import PagedKVCache
+from rayk.cache.recycled_memory import RecycledMemory
 from rayk.hashing import BlockHash
 
 # (kind, source tier, target tier, blocks, bytes, start seconds, end seconds), perf_counter clock
 TransferObserver = Callable[[str, str, str, int, int, float, float], None]
 
 _PER_BLOCK_COPY_BYTES = 1 << 20
+EXPORT_MEMORY_BYTES = 256 << 20
+"""The memory of exported batches, once Ray has copied them, that waits at most to be exported
+into again (``rayk.cache.recycled_memory``)."""
 
 Source = tuple[str, object]
 """Where a found block is: ("device", block id), ("host", slot), ("disk", KV tensor read and
@@ -69,6 +73,7 @@ class TierChain:
         self.disk = disk
         self.integrity_key = integrity_key
         self.remote: dict[str, dict[BlockHash, tuple[BlockRecord, torch.Tensor]]] = {}  # request id -> staged blocks
+        self.export_memory = RecycledMemory(EXPORT_MEMORY_BYTES)
         self.transfer_observers: list[TransferObserver] = []
 
     # -- finding blocks -----------------------------------------------------------------------
@@ -340,9 +345,11 @@ class TierChain:
         layout = self.kv_cache.layout
         if tiers == {"device"}:
             device_blocks = [record.block for record in records]
-            batch = block_codec.encode(records, self.kv_cache.kv, self.fingerprint, layout, integrity_key=self.integrity_key, source_blocks=device_blocks)
+            batch = block_codec.encode(
+                records, self.kv_cache.kv, self.fingerprint, layout, integrity_key=self.integrity_key, source_blocks=device_blocks, memory=self.export_memory
+            )
         else:
-            batch = block_codec.encode(records, blocks, self.fingerprint, layout, integrity_key=self.integrity_key)
+            batch = block_codec.encode(records, blocks, self.fingerprint, layout, integrity_key=self.integrity_key, memory=self.export_memory)
         if records:
             self.record_transfer("export", "+".join(sorted(tiers)), "remote", len(records), start)
         return batch, len(records)
