@@ -245,6 +245,7 @@ class DiskTier:
         self.policy = policy
         self.events = EventBuffer(self.name)
         self._index: dict[BlockHash, _Entry] = {}
+        self.read_memory = RecycledMemory(READ_MEMORY_BYTES)  # what uncompressed blocks are read into
         self._lock = threading.Lock()
         self.num_bytes = 0
         self.num_rejected = 0
@@ -253,7 +254,6 @@ class DiskTier:
         self._write_failing = False  # the last write failed: the next failure is not logged in full
         self.num_stored = 0
         self.num_loaded = 0
-        self._read_memory = RecycledMemory(READ_MEMORY_BYTES)
         self.num_evictions = 0
         self.num_write_errors = 0
         self.num_no_space = 0
@@ -342,7 +342,7 @@ class DiskTier:
         uncompressed (else None), the bytes, and how many were read (-1: the read failed)."""
         blocks = None
         if entry.segment.compression is None and entry.end - entry.start == self.layout.bytes_per_block:
-            payload = self._read_memory.take(self.layout.bytes_per_block)
+            payload = self.read_memory.take(self.layout.bytes_per_block)
             blocks = block_codec.block_view(payload, self.layout)  # read into the block itself
         else:
             payload = np.empty(entry.end - entry.start, dtype=np.uint8)  # read into once: no bytes object

@@ -5,7 +5,8 @@ block shared by several requests counts once physically, once per table logicall
 fragmentation is the token slots allocated to requests but holding no token (the unused tail of
 each request's last block). External fragmentation describes how the free blocks lie in id order:
 paged attention never needs contiguous blocks, but batched copies of contiguous runs are cheaper.
-Overheads are estimates of host memory the bookkeeping itself takes.
+Overheads are estimates of host memory the bookkeeping itself takes. Recycled host bytes are the
+idle buffers of disk reads and peer exports, kept to be filled again instead of fresh memory.
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ def memory_profile(manager: KVCacheManager) -> dict:
             profile[tier]["hit_tokens"] = hits
             profile[tier]["hit_rate"] = hits / query if query else 0.0
     profile["prefix_cache"] = {"query_tokens": query, "hit_tokens": manager.num_hit_tokens}
+    profile["recycled_host_bytes"] = {  # idle buffers kept to be filled again (rayk.cache.recycled_memory)
+        "disk_reads": manager.disk.read_memory.idle_bytes if manager.disk is not None else 0,
+        "exports": manager.chain.export_memory.idle_bytes,
+    }
     for tier, pool in (("device", manager.pool), ("host", manager.host.pool if manager.host else None)):
         if pool is not None and pool.lifecycle is not None:
             profile[tier]["lifecycle"] = pool.lifecycle.summary()
