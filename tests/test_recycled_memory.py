@@ -83,3 +83,19 @@ def test_a_bad_cap_is_named(max_idle_bytes):
 def test_a_bad_size_is_named(num_bytes):
     with pytest.raises(ValueError, match="RecycledMemory.take"):
         RecycledMemory(1 << 20).take(num_bytes)
+
+
+def test_a_buffer_given_back_by_a_collection_inside_take_does_not_deadlock():
+    memory = RecycledMemory(max_idle_bytes=1 << 20)
+
+    class Cycle:
+        pass
+
+    held = Cycle()
+    held.self, held.buffer = held, memory.take(128)  # collected only by the cycle collector
+    del held
+    with memory._lock:  # as if take() held the lock when the collector ran
+        import gc
+
+        gc.collect()
+    assert memory.num_idle == 1

@@ -30,7 +30,7 @@ class RecycledMemory:
             raise ValueError(f"RecycledMemory.max_idle_bytes must be an int >= 0, got {max_idle_bytes!r}")
         self.max_idle_bytes = max_idle_bytes
         self._idle: list[np.ndarray] = []
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a collection inside take() may give a buffer back on this thread
 
     @property
     def num_idle(self) -> int:
