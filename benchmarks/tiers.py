@@ -12,9 +12,10 @@
    last is read (as a prefix hit holds them until they are copied to the device), against one
    ``write`` + ``flush`` of a single file of the same bytes and one ``readinto`` of it, in the same
    directory (under the current directory, not /dev/shm). One tier serves every repeat, as an
-   engine keeps one, each repeat under new keys and cleared after it (untimed). DiskTier does not fsync, so neither does the baseline; an
-   untimed ``os.sync()`` before each timed step keeps one side's writeback out of the other's
-   timing. Page caches are not dropped: both sides read from the page cache. Goal: ratio >= 0.7.
+   engine keeps one, each repeat under new keys and cleared after it (untimed). DiskTier does not
+   fsync, so neither does the baseline; an untimed ``os.sync()`` before each timed step keeps one
+   side's writeback out of the other's timing. Page caches are not dropped: both sides read from
+   the page cache. Goal: ratio >= 0.7.
 3. **TTFT.** A tiny random Llama (written with transformers) is served by ``rayk.LLM`` with a
    device pool, a host tier and a disk tier. A 2k-token prompt runs once; distinct 2k-token
    fillers then push its prefix down to the tier under test; the prompt runs again with

@@ -3,6 +3,7 @@ again (the smallest that fits), and no more than the cap waits idle."""
 
 from __future__ import annotations
 
+import gc
 import threading
 
 import pytest
@@ -95,7 +96,5 @@ def test_a_buffer_given_back_by_a_collection_inside_take_does_not_deadlock():
     held.self, held.buffer = held, memory.take(128)  # collected only by the cycle collector
     del held
     with memory._lock:  # as if take() held the lock when the collector ran
-        import gc
-
         gc.collect()
     assert memory.num_idle == 1
