@@ -34,11 +34,11 @@ def test_profile_matches_a_hand_computed_layout(tiny_llama_dir):
     assert engine.memory_profile()["device"]["physical_blocks"]["referenced"] == 0
 
 
-def test_the_idle_buffers_kept_for_disk_reads_and_exports_are_counted(tiny_llama_dir, tmp_path):
+def test_the_idle_buffers_kept_for_disk_reads_and_writes_and_exports_are_counted(tiny_llama_dir, tmp_path):
     llm = rayk.LLM(tiny_llama_dir, block_size=BLOCK_SIZE, num_device_blocks=8, disk_dir=str(tmp_path))
     prompt = random_prompts((40,), seed=52)[0]
     llm.generate(prompt, GREEDY)
-    assert llm.memory_profile()["recycled_host_bytes"] == {"disk_reads": 0, "exports": 0}
+    assert llm.memory_profile()["recycled_host_bytes"] == {"disk_reads": 0, "disk_writes": 0, "exports": 0}
     keys = llm.engine.block_hashes(prompt)
     batch, num_blocks = llm.engine.cache.chain.export(keys)
     del batch
@@ -46,6 +46,7 @@ def test_the_idle_buffers_kept_for_disk_reads_and_exports_are_counted(tiny_llama
     assert llm.memory_profile()["recycled_host_bytes"]["exports"] > num_blocks * bytes_per_block
     llm.offload(keys, tier="disk")
     llm.engine.disk.flush()
+    assert llm.memory_profile()["recycled_host_bytes"]["disk_writes"] == len(keys) * bytes_per_block  # gathered into it, written
     llm.generate(prompt, GREEDY)  # its prefix is read back from disk
     recycled = llm.memory_profile()["recycled_host_bytes"]
     assert recycled["disk_reads"] == (len(prompt) // BLOCK_SIZE) * bytes_per_block

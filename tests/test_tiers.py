@@ -206,6 +206,25 @@ def test_a_disk_read_goes_into_the_memory_of_blocks_read_and_dropped_before(tmp_
     tier.close()
 
 
+def test_blocks_demoted_to_disk_are_gathered_into_memory_the_tier_takes_back_once_written(tmp_path):
+    from rayk.cache.paged_kv import KVLayout, PagedKVCache
+
+    layout = KVLayout(1, 4, 1, 8, torch.float32)
+    kv = PagedKVCache(layout, 8)
+    kv.kv.copy_(torch.arange(8, dtype=torch.float32).view(1, 1, 8, 1, 1, 1).expand_as(kv.kv))
+    records, _ = chain_records(3)
+    tier = _small_disk_tier(tmp_path)
+    first = tier.write_buffer(3)
+    address = first.data_ptr()
+    tier.store(records, kv.gather([r.block for r in records], out=first))
+    del first
+    assert tier.flush()
+    for i, record in enumerate(records):  # gathered into the tier's memory, then written
+        assert torch.equal(tier.read(record.key, record.parent, record.tokens), kv.kv[:, :, i : i + 1])
+    assert tier.write_buffer(3).data_ptr() == address  # written: the memory is the tier's again
+    tier.close()
+
+
 def test_the_host_tier_is_sized_in_bytes(tiny_llama_dir):
     llm = rayk.LLM(tiny_llama_dir, block_size=BLOCK_SIZE, num_device_blocks=8, host_bytes=1 << 20)
     host = llm.memory_profile()["host"]

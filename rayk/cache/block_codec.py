@@ -481,11 +481,11 @@ def finite_blocks(blocks: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(negative_ok & positive_ok)
 
 
-def block_view(payload: np.ndarray, layout: KVLayout) -> torch.Tensor:
-    """The uncompressed block ``[2, layers, 1, ...]`` whose memory is ``payload``, one block's
-    bytes in payload order (block-major): a payload read into ``payload`` is the block, with no
-    copy after."""
-    return torch.from_numpy(payload).view(layout.dtype).view(_block_shape(layout)).unsqueeze(2)
+def blocks_view(payload: np.ndarray, layout: KVLayout) -> torch.Tensor:
+    """The uncompressed blocks ``[2, layers, n, ...]`` whose memory is ``payload``, their bytes
+    in payload order (block-major): a payload read into ``payload`` is the blocks, and blocks
+    gathered into the view are a payload, with no copy after."""
+    return torch.from_numpy(payload).view(layout.dtype).view(-1, *_block_shape(layout)).permute(_TO_PAGED)
 
 
 def _block_shape(layout: KVLayout) -> tuple[int, ...]:

@@ -15,7 +15,8 @@ engine on the same directory gets hits at once. A segment whose header is refuse
 ``num_rejected``. A block's checksum is verified each time it is read; a block that fails it
 reads as a miss (its tokens are recomputed, never served wrong) and its whole segment, now
 suspect, is deleted and counted too. Blocks are read into recycled memory
-(``rayk.cache.recycled_memory``), and checked while their bytes are still in the CPU's cache.
+(``rayk.cache.recycled_memory``), and checked while their bytes are still in the CPU's cache;
+callers gather the blocks they store into recycled memory too (``write_buffer``).
 
 Files are written by a background thread (off the request's critical path) to a temporary file
 created exclusively under an unpredictable name, never following a link, and renamed into place,
@@ -108,6 +109,8 @@ WRITE_TIMEOUT_S = 10.0
 """A segment write running longer than this is hung (see the module doc)."""
 READ_MEMORY_BYTES = 128 << 20
 """The memory of blocks read and then dropped that waits, at most, to be read into again."""
+WRITE_MEMORY_BYTES = 128 << 20
+"""The memory of blocks written that waits, at most, to be gathered into again (``write_buffer``)."""
 _STALE_TEMPORARY_S = 3600.0  # a temporary file this old was left by a crash, not a live writer
 _READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 _TEMPORARY_NAME = re.compile(r"\.[0-9a-f]{24}\.tmp")
@@ -246,6 +249,7 @@ class DiskTier:
         self.events = EventBuffer(self.name)
         self._index: dict[BlockHash, _Entry] = {}
         self.read_memory = RecycledMemory(READ_MEMORY_BYTES)  # what uncompressed blocks are read into
+        self.write_memory = RecycledMemory(WRITE_MEMORY_BYTES)  # what blocks to store are gathered into
         self._lock = threading.Lock()
         self.num_bytes = 0
         self.num_rejected = 0
@@ -343,7 +347,7 @@ class DiskTier:
         blocks = None
         if entry.segment.compression is None and entry.end - entry.start == self.layout.bytes_per_block:
             payload = self.read_memory.take(self.layout.bytes_per_block)
-            blocks = block_codec.block_view(payload, self.layout)  # read into the block itself
+            blocks = block_codec.blocks_view(payload, self.layout)  # read into the block itself
         else:
             payload = np.empty(entry.end - entry.start, dtype=np.uint8)  # read into once: no bytes object
         try:
@@ -359,6 +363,13 @@ class DiskTier:
         return blocks, payload, num_read
 
     # -- writes -------------------------------------------------------------------------------
+
+    def write_buffer(self, num_blocks: int) -> torch.Tensor:
+        """Unfilled memory for ``num_blocks`` uncompressed blocks, ``[2, layers, num_blocks,
+        ...]``, that this tier recycles: the caller gathers the blocks it will ``store`` into it,
+        and the memory comes back once their segment is written and nothing else holds it. A
+        gather into fresh memory cost about as much again as the copy (page faults)."""
+        return block_codec.blocks_view(self.write_memory.take(num_blocks * self.layout.bytes_per_block), self.layout)
 
     def store(self, records: Sequence[BlockRecord], blocks: torch.Tensor) -> None:
         """Queues ``blocks`` (``[2, layers, n, ...]``) to be written as one segment; returns at once.
@@ -519,6 +530,7 @@ class DiskTier:
                 self._write_failing = True
                 log("rayk disk tier: could not write a segment to %s; its blocks are dropped (further failures are counted, not logged)", self.directory)
             finally:
+                item = None  # the blocks are written: their memory may go back (write_buffer)
                 with self._progress:
                     self._pending -= 1
                     self._write_started = None

@@ -33,6 +33,7 @@ from rayk.hashing import BlockHash
 # [2, layers, n, ...] (paged order) <-> [n, 2, layers, ...] (block-major order)
 _TO_BLOCK_MAJOR = (2, 0, 1, 3, 4, 5)
 _TO_PAGED = (1, 2, 0, 3, 4, 5)
+_TO_BLOCK_MAJOR = (2, 0, 1, 3, 4, 5)
 
 
 @dataclass
@@ -116,7 +117,7 @@ class HostTier:
         evicted: list[BlockRecord] = []
         slots = self.pool.allocate(len(kept), evicted)
         if evicted and self.lower is not None:
-            self.lower.store(evicted, self.gather([r.block for r in evicted]))
+            self.store_below(evicted)
         return slots, [records[i] for i in kept], kept
 
     def _copy_in(self, slots: list[int], records: list[BlockRecord], data: torch.Tensor) -> None:
@@ -191,7 +192,7 @@ class HostTier:
         evicted: list[BlockRecord] = []
         slots = self.pool.allocate(count, evicted)
         if evicted and self.lower is not None:
-            self.lower.store(evicted, self.gather([r.block for r in evicted]))
+            self.store_below(evicted)
         return slots
 
     def hold(self, slots: Sequence[int]) -> None:
@@ -223,9 +224,19 @@ class HostTier:
         self.num_loaded += len(slots)
         return self.gather(slots)
 
-    def gather(self, slots: Sequence[int]) -> torch.Tensor:
-        """A new ``[2, layers, n, ...]`` tensor of the slots' blocks in the model's dtype."""
+    def store_below(self, records: list[BlockRecord]) -> None:
+        """Hands the slots' blocks (``records[i].block``) to the tier below (a ``DiskTier``),
+        gathered into memory that tier recycles."""
+        slots = [record.block for record in records]
+        self.lower.store(records, self.gather(slots, out=None if self.compress else self.lower.write_buffer(len(slots))))
+
+    def gather(self, slots: Sequence[int], out: torch.Tensor | None = None) -> torch.Tensor:
+        """A ``[2, layers, n, ...]`` tensor of the slots' blocks in the model's dtype: ``out``
+        (a block-major view, as ``DiskTier.write_buffer`` gives) filled, or a new one."""
         index = torch.as_tensor(slots, dtype=torch.long)
+        if out is not None and not self.compress:
+            torch.index_select(self.blocks, 0, index, out=out.permute(_TO_BLOCK_MAJOR))
+            return out
         blocks = self.blocks.index_select(0, index).permute(_TO_PAGED)
         if not self.compress:
             return blocks

@@ -6,7 +6,8 @@ fragmentation is the token slots allocated to requests but holding no token (the
 each request's last block). External fragmentation describes how the free blocks lie in id order:
 paged attention never needs contiguous blocks, but batched copies of contiguous runs are cheaper.
 Overheads are estimates of host memory the bookkeeping itself takes. Recycled host bytes are the
-idle buffers of disk reads and peer exports, kept to be filled again instead of fresh memory.
+idle buffers of disk reads and writes and of peer exports, kept to be filled again instead of
+fresh memory.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def memory_profile(manager: KVCacheManager) -> dict:
     profile["prefix_cache"] = {"query_tokens": query, "hit_tokens": manager.num_hit_tokens}
     profile["recycled_host_bytes"] = {  # idle buffers kept to be filled again (rayk.cache.recycled_memory)
         "disk_reads": manager.disk.read_memory.idle_bytes if manager.disk is not None else 0,
+        "disk_writes": manager.disk.write_memory.idle_bytes if manager.disk is not None else 0,
         "exports": manager.chain.export_memory.idle_bytes,
     }
     for tier, pool in (("device", manager.pool), ("host", manager.host.pool if manager.host else None)):

@@ -74,9 +74,13 @@ class PagedKVCache:
     def value_cache(self, layer: int) -> torch.Tensor:
         return self.kv[1, layer]
 
-    def gather(self, block_ids: Sequence[int]) -> torch.Tensor:
-        """A new ``[2, num_layers, n, block_size, kv_heads, head_dim]`` tensor of the given blocks."""
-        return self.kv.index_select(2, torch.as_tensor(block_ids, dtype=torch.long, device=self.device))
+    def gather(self, block_ids: Sequence[int], out: torch.Tensor | None = None) -> torch.Tensor:
+        """A ``[2, num_layers, n, block_size, kv_heads, head_dim]`` tensor of the given blocks:
+        ``out`` filled, or a new one."""
+        index = torch.as_tensor(block_ids, dtype=torch.long, device=self.device)
+        if out is None:
+            return self.kv.index_select(2, index)
+        return torch.index_select(self.kv, 2, index, out=out)
 
     def scatter(self, block_ids: Sequence[int], blocks: torch.Tensor) -> None:
         """Writes ``blocks`` (as ``gather`` returns them, on any device) into ``block_ids``, in order."""

@@ -1,9 +1,10 @@
-"""Recycled memory for the large buffers a cache fills and hands away: blocks read from disk, and
-the block batches exported to peers.
+"""Recycled memory for the large buffers a cache fills and hands away: blocks read from disk,
+blocks gathered to be written to disk, and the block batches exported to peers.
 
 A prefix found on disk is read whole, held until its blocks are copied into the device pool, and
-dropped; a batch exported to a peer lives until Ray has copied it into the object store. The next
-read or export wants as much memory again. Fresh memory costs a fault per page, and more: in a
+dropped; blocks demoted to disk are gathered and held until their segment is written; a batch
+exported to a peer lives until Ray has copied it into the object store. The next read, write or
+export wants as much memory again. Fresh memory costs a fault per page, and more: in a
 Ray worker, a fresh 94 MB buffer for an export took 70 to 120 ms of CPU to fill, where filling
 one used before took 15 (the kernel assembling huge pages for it, measured here). Reading 64
 blocks into fresh memory took 24,000 faults, as long again as the reads, in some processes and

@@ -138,7 +138,9 @@ class TierChain:
         if tier == "host":
             self.host.demote(records, self.kv_cache)
         else:
-            self.disk.store(records, self.kv_cache.gather([r.block for r in records]))
+            on_cpu = self.kv_cache.device.type == "cpu"  # a CUDA pool gathers on the device first
+            buffer = self.disk.write_buffer(len(records)) if on_cpu else None
+            self.disk.store(records, self.kv_cache.gather([r.block for r in records], out=buffer))
         self.record_transfer(kind, "device", tier, len(records), start)
 
     def hold(self, sources: Sequence[Source]) -> None:
@@ -215,7 +217,7 @@ class TierChain:
             start = time.perf_counter()
             from_host = self.host.pool.evict(keys)
             if from_host:
-                self.disk.store(from_host, self.host.gather([r.block for r in from_host]))
+                self.host.store_below(from_host)
                 self.record_transfer("offload", "host", "disk", len(from_host), start)
         if tier == "disk":
             return self.count(keys)["disk"]
