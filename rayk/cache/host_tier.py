@@ -33,7 +33,6 @@ from rayk.hashing import BlockHash
 # [2, layers, n, ...] (paged order) <-> [n, 2, layers, ...] (block-major order)
 _TO_BLOCK_MAJOR = (2, 0, 1, 3, 4, 5)
 _TO_PAGED = (1, 2, 0, 3, 4, 5)
-_TO_BLOCK_MAJOR = (2, 0, 1, 3, 4, 5)
 
 
 @dataclass
