@@ -231,9 +231,11 @@ class HostTier:
 
     def gather(self, slots: Sequence[int], out: torch.Tensor | None = None) -> torch.Tensor:
         """A ``[2, layers, n, ...]`` tensor of the slots' blocks in the model's dtype: ``out``
-        (a block-major view, as ``DiskTier.write_buffer`` gives) filled, or a new one."""
+        (a block-major view, as ``DiskTier.write_buffer`` gives; uncompressed tiers only) filled,
+        or a new one."""
         index = torch.as_tensor(slots, dtype=torch.long)
-        if out is not None and not self.compress:
+        if out is not None:
+            assert not self.compress, "a compressed tier's blocks are dequantized into new memory"
             torch.index_select(self.blocks, 0, index, out=out.permute(_TO_BLOCK_MAJOR))
             return out
         blocks = self.blocks.index_select(0, index).permute(_TO_PAGED)

@@ -60,5 +60,5 @@ class RecycledMemory:
 
     def _give_back(self, memory: np.ndarray) -> None:
         with self._lock:
-            if sum(idle.nbytes for idle in self._idle) + memory.nbytes <= self.max_idle_bytes:
+            if self.idle_bytes + memory.nbytes <= self.max_idle_bytes:
                 self._idle.append(memory)
