@@ -44,7 +44,8 @@ directory seen empty) before each run:
 - prompt tokens computed; client TTFT p50 / p99 and latency p50; requests/s and output tokens/s
   over the run's wall time; imbalance (max / mean over the workers) of requests served and of
   tokens computed; the router's own predicted against actual hit tokens (``stats()["routing"]``,
-  the change over the run); route-decision latency: ``Coordinator.route`` timed from the driver
+  the change over the run) and its replications (routes that put a hot prefix on one more
+  worker); route-decision latency: ``Coordinator.route`` timed from the driver
   (the Ray round trip included) on a sample of the workload's prompts after each run.
 
 Ratios against round_robin and against prefix are medians of the per-repeat paired ratios. Goals
@@ -595,6 +596,7 @@ def summarize(records: list[dict], block_size: int, workers: list[str], routing_
         "router_actual_hit_tokens": routing_delta.get("actual_hit_tokens"),
         "router_oracle_hit_tokens": routing_delta.get("oracle_hit_tokens"),
         "router_exact_predictions": routing_delta.get("exact_predictions"),
+        "replications": routing_delta.get("replications"),
         "route_p50_s": _percentile(route_s, 50),
         "route_p99_s": _percentile(route_s, 99),
     }
@@ -659,7 +661,7 @@ def bench_deployment(model_dir: str, workload: Workload, pools: str, sizes: dict
 MEDIAN_KEYS = (
     "hit_tokens", "remote_hit_tokens", "oracle_tokens", "hit_vs_oracle", "computed_tokens", "ttft_p50_s", "ttft_p99_s", "latency_p50_s",
     "worker_ttft_p50_s", "requests_per_s", "output_tokens_per_s", "imbalance_requests", "imbalance_computed_tokens",
-    "router_predicted_hit_tokens", "router_actual_hit_tokens", "router_oracle_hit_tokens", "route_p50_s", "route_p99_s",
+    "router_predicted_hit_tokens", "router_actual_hit_tokens", "router_oracle_hit_tokens", "route_p50_s", "route_p99_s", "replications",
 )
 
 
@@ -727,8 +729,8 @@ def _fmt(value, spec: str = ".2f", scale: float = 1.0) -> str:
 
 def print_tables(rows: list[dict], checks: list[dict]) -> None:
     print("| pools | workload | conc | policy | hit/oracle | hit tok | oracle tok | computed tok | TTFT p50 ms | TTFT p99 ms | "
-          "req/s | out tok/s | imbal req | imbal tok | router pred/actual hit | route p50/p99 ms | vs rr: thr, TTFT | remote tok | vs prefix: thr, TTFT p99 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "req/s | out tok/s | imbal req | imbal tok | router pred/actual hit | route p50/p99 ms | vs rr: thr, TTFT | remote tok | replicas | vs prefix: thr, TTFT p99 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         router = f"{_fmt(r['router_predicted_hit_tokens'], '.0f')} / {_fmt(r['router_actual_hit_tokens'], '.0f')}"
         route = f"{_fmt(r['route_p50_s'], '.2f', 1e3)} / {_fmt(r['route_p99_s'], '.2f', 1e3)}"
@@ -738,7 +740,7 @@ def print_tables(rows: list[dict], checks: list[dict]) -> None:
             f"{_fmt(r['hit_tokens'], '.0f')} | {_fmt(r['oracle_tokens'], '.0f')} | {_fmt(r['computed_tokens'], '.0f')} | "
             f"{_fmt(r['ttft_p50_s'], '.1f', 1e3)} | {_fmt(r['ttft_p99_s'], '.1f', 1e3)} | {_fmt(r['requests_per_s'])} | "
             f"{_fmt(r['output_tokens_per_s'], '.1f')} | {_fmt(r['imbalance_requests'])} | {_fmt(r['imbalance_computed_tokens'])} | "
-            f"{router} | {route} | {versus} | {_fmt(r['remote_hit_tokens'], '.0f')} | "
+            f"{router} | {route} | {versus} | {_fmt(r['remote_hit_tokens'], '.0f')} | {_fmt(r['replications'], '.0f')} | "
             f"{_fmt(r['throughput_vs_prefix'])}x, {_fmt(r['ttft_p99_speedup_vs_prefix'])}x |"
         )
     print("\nGoals (prefix policy, medians):\n")

@@ -372,6 +372,74 @@ def test_pull_options_are_checked():
         WorkerLoad(prefill_tokens_per_s=-1.0)
 
 
+# -- hot prefixes -----------------------------------------------------------------------------
+
+
+def _route_in_turn(router: Router, prefix: list[int], first_seed: int, count: int, start: float = 0.0) -> list[RouteDecision]:
+    """Routes ``count`` requests behind ``prefix`` one at a time, each finished (and a pulled
+    prefix stored by its puller) before the next."""
+    directory, decisions = router.directory, []
+    for i in range(count):
+        tokens = prefix + _tokens(first_seed + i, 2)
+        decision = router.route(f"turn-{first_seed + i}", _keys(tokens), len(tokens), now=start + i)
+        router.report_load(decision.worker_id, WorkerLoad(), [decision.request_id])
+        if decision.plan is not None:
+            _store(directory, decision.worker_id, directory.next_seq(decision.worker_id), list(decision.plan.keys))
+        router.complete(decision.request_id, decision.predicted_hit_tokens, now=start + i)
+        decisions.append(decision)
+    return decisions
+
+
+def test_a_hot_prefix_gains_holders_that_pull_it_from_its_holder():
+    directory, router = _cluster(4)
+    prefix = _tokens(60, 20, tail=0)
+    _store(directory, "worker-0", 0, _keys(prefix))
+    decisions = _route_in_turn(router, prefix, 600, 16)
+    assert all(d.worker_id == "worker-0" and d.plan is None for d in decisions[:9]), "8 recent requests before it is hot"
+    replicas = [d for d in decisions if d.plan is not None]
+    assert decisions[9] == replicas[0] and len(replicas) == router.stats()["replications"] == 2
+    for replica in replicas:
+        assert replica.worker_id != "worker-0" and replica.plan == FetchPlan("worker-0", tuple(_keys(prefix)))
+        assert replica.predicted_hit_by_tier["remote"] == 20 * BLOCK_SIZE
+    assert {d.worker_id for d in decisions} == {"worker-0", replicas[0].worker_id, replicas[1].worker_id}
+
+
+def test_a_hot_prefix_is_not_replicated_with_replication_off():
+    directory, router = _cluster(4, replicate_hot_prefixes=False)
+    prefix = _tokens(61, 20, tail=0)
+    _store(directory, "worker-0", 0, _keys(prefix))
+    assert {d.worker_id for d in _route_in_turn(router, prefix, 620, 16)} == {"worker-0"}
+    assert router.stats()["replications"] == 0
+
+
+def test_a_prefix_is_hot_for_its_recent_requests_only():
+    directory, router = _cluster(4)
+    prefix = _tokens(62, 20, tail=0)
+    _store(directory, "worker-0", 0, _keys(prefix))
+    _route_in_turn(router, prefix, 640, 7)
+    for i in range(600):  # 4.7 half-lives of other prefixes: the 7 weigh about 0.3 now
+        router.route(f"other-{i}", _keys(_tokens(10_000 + i, 1)), BLOCK_SIZE + 1, now=10.0)
+        router.complete(f"other-{i}", 0, now=10.0)
+    assert all(d.plan is None and d.worker_id == "worker-0" for d in _route_in_turn(router, prefix, 660, 3, start=20.0))
+
+
+def test_recent_counts_stay_finite_over_many_half_lives():
+    directory, router = _cluster(4, share_half_life=8)  # the weights are rescaled every 64 half-lives
+    for i in range(1100):
+        router.route(f"other-{i}", _keys(_tokens(20_000 + i, 1)), BLOCK_SIZE + 1, now=0.0)
+        router.complete(f"other-{i}", 0, now=0.0)
+    prefix = _tokens(63, 20, tail=0)
+    _store(directory, "worker-0", 0, _keys(prefix))
+    assert any(d.plan is not None for d in _route_in_turn(router, prefix, 680, 24, start=1.0))
+
+
+def test_replication_options_are_checked():
+    with pytest.raises(ValueError, match="share_half_life must be an int >= 1"):
+        _cluster(1, share_half_life=0)
+    with pytest.raises(ValueError, match="replicate_hot_prefixes must be True or False"):
+        _cluster(1, replicate_hot_prefixes="yes")
+
+
 # -- the boundary -----------------------------------------------------------------------------
 
 
@@ -476,6 +544,22 @@ def _grouped_trace(num_groups: int = 16, per_group: int = 16, prefix_blocks: int
     return prompts
 
 
+def _hot_trace(num_prompts: int = 256, hot_fraction: float = 0.8, num_groups: int = 16, seed: int = 0) -> list[_Prompt]:
+    """Prompts like ``_grouped_trace``'s (a group's 8-block system prompt, then a question of
+    its own), but ``hot_fraction`` of them behind one hot system prompt and the rest spread
+    over the other ``num_groups`` - 1, shuffled."""
+    rng = random.Random(seed)
+    prefixes = [[rng.randrange(32000) for _ in range(8 * BLOCK_SIZE)] for _ in range(num_groups)]
+    num_hot = round(hot_fraction * num_prompts)
+    owners = [0] * num_hot + [1 + i % (num_groups - 1) for i in range(num_prompts - num_hot)]
+    rng.shuffle(owners)
+    prompts = []
+    for i, group in enumerate(owners):
+        tokens = prefixes[group] + [rng.randrange(32000) for _ in range(2 * BLOCK_SIZE + 5)]
+        prompts.append(_Prompt(f"g{group}-h{i}", _keys(tokens), len(tokens), group))
+    return prompts
+
+
 def _oracle_hits(trace: list[_Prompt]) -> dict[str, int]:
     """Per request: the longest prefix it shares with any earlier request (tokens, capped)."""
     seen: set[bytes] = set()
@@ -539,12 +623,15 @@ class _SimWorker:
         return hit * BLOCK_SIZE
 
 
-def _simulate(policy: str, concurrency: int, capacity: int | None = None, seed: int = 0, num_workers: int = 4) -> dict:
-    """Routes the grouped trace with ``concurrency`` requests in flight; returns the hit ratio
-    (actual hit tokens / oracle hit tokens) and the imbalance (max / mean requests per worker)."""
-    trace = _grouped_trace(seed=seed)
+def _simulate(
+    policy: str, concurrency: int, capacity: int | None = None, seed: int = 0, num_workers: int = 4, trace: list[_Prompt] | None = None, **router_options
+) -> dict:
+    """Routes ``trace`` (the grouped trace by default) with ``concurrency`` requests in flight;
+    returns the hit ratio (actual hit tokens / oracle hit tokens) and the imbalance (max / mean
+    requests per worker)."""
+    trace = _grouped_trace(seed=seed) if trace is None else trace
     oracle = _oracle_hits(trace)
-    directory, router = _cluster(num_workers, policy=policy, seed=seed, pull="never")  # simulated workers do not pull
+    directory, router = _cluster(num_workers, policy=policy, seed=seed, pull="never", **router_options)  # simulated workers do not pull
     rng = random.Random(seed)
     workers = {worker_id: _SimWorker(worker_id, capacity, rng) for worker_id in directory.workers()}
     queue, in_flight, actual, step = deque(trace), 0, {}, 0
@@ -584,6 +671,7 @@ def test_prefix_routing_reaches_the_oracle_with_balanced_workers(concurrency, se
     assert result["hit_ratio"] == 1.0, result
     assert result["imbalance"] <= 1.1, result
     assert result["stats"]["prediction_accuracy"] == 1.0, result
+    assert result["stats"]["replications"] == 0, "no prefix of an even workload is hot"
 
 
 # 16 prefixes of 8 blocks (128 hot blocks) and 384 unique blocks of questions: more than one
@@ -598,6 +686,21 @@ def test_prefix_routing_holds_the_oracle_under_memory_pressure(concurrency, seed
     assert result["hit_ratio"] >= 0.95, result
     # A prefix evicted late and seeded again may land on another worker: a looser bound.
     assert result["imbalance"] <= 1.25, result
+
+
+@pytest.mark.parametrize("capacity", [None, MEMORY_PRESSURE])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("concurrency", [1, 8])
+def test_a_hot_prefix_is_replicated_so_that_its_requests_spread(concurrency, seed, capacity):
+    """80% of the requests behind one prefix: it gains holders until they take no more than the
+    others, each computing it once (simulated workers cannot pull). Without replication its one
+    holder takes most of the requests. Under memory pressure the replicas take room the cold
+    prefixes had, so a few more of those are evicted before they are used again."""
+    result = _simulate("prefix", concurrency, capacity=capacity, seed=seed, trace=_hot_trace(seed=seed))
+    unreplicated = _simulate("prefix", concurrency, capacity=capacity, seed=seed, trace=_hot_trace(seed=seed), replicate_hot_prefixes=False)
+    assert result["imbalance"] <= 1.15 < 3.0 <= unreplicated["imbalance"], (result, unreplicated)
+    assert result["stats"]["replications"] == 3 and unreplicated["stats"]["replications"] == 0
+    assert result["hit_ratio"] >= (0.98 if capacity is None else 0.92), result
 
 
 @pytest.mark.parametrize("capacity", [None, MEMORY_PRESSURE])

@@ -30,6 +30,20 @@ a prefix group will live.
 What decides is what the workers hold now, not how prefixes were routed before: a cleared cache,
 an eviction, a worker that joins later or requests sent with another policy leave no history.
 
+*Hot prefixes* are replicated. The router counts recent routes per first key and per worker,
+each route weighing half as much ``share_half_life`` routes later. A prefix gains a holder (a
+worker with its first key in device or pending) when it alone is worth a worker, that is its
+share of recent routes is at least ``1 / n`` over ``n`` routable workers and it has at least
+``MIN_REPLICA_REQUESTS`` recent routes, and even its least loaded holder has taken more than
+``REPLICA_MARGIN`` times the mean of recent routes per worker. Then, if some worker stores the
+prefix (a prefix still pending keeps its burst together), its request goes to the cheapest
+worker that does not hold it (pulling the prefix when route-or-pull credits that, computing it
+otherwise), unless that costs more than one full prefill above the cheapest worker (the seeding
+slack again). Without this, every request of a hot prefix goes to its one holder while the
+others idle (at concurrency 1, all of them do); load alone spreads it only once the holder's
+queue outweighs a whole prefill. The thresholds keep the noise of a few requests from copying
+prefixes of an even workload.
+
 *Pending* blocks: a routed request's keys beyond the chosen worker's hit are claimed pending on
 it in the directory (as good as a device hit), so the rest of a burst sharing a new prefix follows
 the first request before the worker has reported anything. A claim ends when the worker stores
@@ -76,7 +90,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import compress, repeat
-from operator import eq, le, sub
+from operator import contains, eq, le, sub
 from typing import NamedTuple
 
 from rayk.cluster.directory import MATCH_TIERS, BlocksByTier, PrefixDirectory
@@ -85,6 +99,13 @@ from rayk.overload import Overloaded, check_max_queued_requests
 
 DEFAULT_TIER_COSTS = {"device": 0.0, "pending": 0.0, "host": 0.1, "disk": 0.3}
 """Cost of serving a token from each tier, as a fraction of computing it (a miss costs 1)."""
+
+REPLICA_MARGIN = 1.1
+"""A hot prefix gains a holder while its least loaded holder takes more than this many times
+the mean of recent routes per worker."""
+
+MIN_REPLICA_REQUESTS = 8.0
+"""Recent routes (decayed) a prefix needs before it is replicated."""
 
 
 @dataclass(frozen=True)
@@ -182,6 +203,8 @@ class _Claim(NamedTuple):
 
 
 _NO_HIT = BlocksByTier()
+_SHARE_RESCALE_AT = 2.0**64
+_SHARE_FORGOTTEN = 2.0**-20  # a decayed count below this many requests is dropped at a rescale
 
 
 class RouteChoice(NamedTuple):
@@ -193,6 +216,7 @@ class RouteChoice(NamedTuple):
     saved_tokens: float  # prefill the chosen worker's hit (and pull) saves (tier-weighted tokens)
     plan: FetchPlan | None = None
     lacked_blocks: int = 0  # blocks a peer holds beyond the chosen worker's hit
+    replicates: bool = False  # chosen to hold a hot prefix it lacks (see the module doc)
 
 
 class Router:
@@ -216,6 +240,8 @@ class Router:
         pull: str = "auto",
         default_pull_cost: float = 0.2,
         pull_overhead_tokens: float = 64.0,
+        share_half_life: int = 128,
+        replicate_hot_prefixes: bool = True,
         max_queued_requests: int | None = None,
     ):
         if not isinstance(block_size, int) or block_size < 1:
@@ -247,7 +273,20 @@ class Router:
         self.pull = pull
         self.default_pull_cost = float(default_pull_cost)
         self.pull_overhead_tokens = float(pull_overhead_tokens)
+        if isinstance(share_half_life, bool) or not isinstance(share_half_life, int) or share_half_life < 1:
+            raise ValueError(f"Router.share_half_life must be an int >= 1 (routes), got {share_half_life!r}")
+        if not isinstance(replicate_hot_prefixes, bool):
+            raise ValueError(f"Router.replicate_hot_prefixes must be True or False, got {replicate_hot_prefixes!r}")
         self.max_queued_requests = check_max_queued_requests(max_queued_requests)
+        self.share_half_life = share_half_life
+        self.replicate_hot_prefixes = replicate_hot_prefixes
+        # Recent routes per first key (and per worker, in _recent_routes): each route adds the
+        # current weight, which grows by 2 ** (1 / share_half_life) per route, so a count / the
+        # weight is a decayed count.
+        self._shares: dict[BlockHash, float] = {}
+        self._share_weight = 1.0
+        self._share_total = 0.0
+        self._share_growth = 2.0 ** (1.0 / share_half_life)
         # Tokens a cached block saves against a miss, per tier, in BlocksByTier order.
         self._saved_per_block = tuple(block_size * (1.0 - costs[tier]) for tier in MATCH_TIERS)
         self._random = random.Random(seed)
@@ -259,6 +298,7 @@ class Router:
         self._queue_costs: list[float] = []
         self._pull_costs: list[float] = []  # a pulled token's cost as a fraction of a computed one
         self._prefix_sets: list[set[BlockHash]] = []
+        self._recent_routes: list[float] = []
         self._states: dict[str, _WorkerState] = {}
         self._in_flight: dict[str, _InFlight] = {}
         self._peak_in_flight = 0
@@ -284,6 +324,7 @@ class Router:
         self._queue_costs.append(0.0)
         self._pull_costs.append(self.default_pull_cost)
         self._prefix_sets.extend(self.directory.prefix_sets([worker_id]))
+        self._recent_routes.append(0.0)
 
     def remove_worker(self, worker_id: str) -> None:
         """Stops routing to a worker and forgets its in-flight requests and their pending claims."""
@@ -295,7 +336,7 @@ class Router:
         for request_id in [r for r, c in self._claims.items() if c.worker_id == worker_id]:
             self._end_claim(request_id)
         index = self._index.pop(worker_id)
-        del self._order[index], self._queue_costs[index], self._pull_costs[index], self._prefix_sets[index], self._states[worker_id]
+        del self._order[index], self._queue_costs[index], self._pull_costs[index], self._prefix_sets[index], self._recent_routes[index], self._states[worker_id]
         self._index = {w: i for i, w in enumerate(self._order)}
 
     def report_load(self, worker_id: str, load: WorkerLoad, received_request_ids: Sequence[str] = ()) -> None:
@@ -353,6 +394,7 @@ class Router:
             self._end_claim(request_id)  # an id reused after it completed
         if keys:
             self.directory.note_prefix(keys[0])
+            self._count_share(keys[0], chosen)
         pending_keys = keys[counts.num_blocks :]
         self.directory.mark_pending(chosen, pending_keys, request_id)
         deadline = now + self.pending_ttl_s
@@ -374,6 +416,7 @@ class Router:
         self._totals["pull_plans"] += plan is not None
         self._totals["planned_pull_tokens"] += pulled
         self._totals["recomputes_chosen"] += plan is None and choice.lacked_blocks > 0
+        self._totals["replications"] += choice.replicates
         by_tier = dict(zip(MATCH_TIERS, map(self.block_size.__mul__, counts)))
         by_tier["remote"] = pulled
         return RouteDecision(request_id, chosen, policy, predicted, by_tier, oracle, cost, plan)
@@ -410,6 +453,7 @@ class Router:
                         source, source_blocks = routable, counts.num_blocks
 
         pulls: dict[str, float] = {}  # worker -> credit with a pull, where that beats its own hit
+        replicates = False
         if worker is not None:
             chosen = worker
         elif policy == "prefix":
@@ -425,6 +469,13 @@ class Router:
                 if pulls:
                     credit = {**credit, **pulls}
             chosen = self._cheapest(credit, num_tokens, seeding=not oracle_blocks)
+            if self.replicate_hot_prefixes and source is not None and self._wants_replica(keys[0]):
+                replica = self._replica(keys[0], credit, chosen, num_tokens, pull, source, source_blocks)
+                if replica is not None:
+                    chosen, pulled_credit = replica
+                    replicates = True
+                    if pulled_credit is not None:
+                        pulls = {**pulls, chosen: pulled_credit}
         elif policy == "least_loaded":
             chosen = self._cheapest({}, num_tokens, seeding=False)
         elif policy == "round_robin":
@@ -444,7 +495,40 @@ class Router:
         saved_tokens = pulls[chosen] if chosen in pulls else saved.get(chosen, 0.0)
         if plan is not None and chosen not in pulls:
             saved_tokens += max(0.0, self._pull_saving(chosen, lacked * self.block_size))
-        return RouteChoice(chosen, hit, oracle_blocks, saved_tokens, plan, lacked)
+        return RouteChoice(chosen, hit, oracle_blocks, saved_tokens, plan, lacked, replicates)
+
+    def _wants_replica(self, first_key: BlockHash) -> bool:
+        """Whether the prefix starting with ``first_key`` is hot enough to gain a holder (module doc)."""
+        count = self._shares.get(first_key)
+        total = self._share_total
+        if count is None or count < MIN_REPLICA_REQUESTS * self._share_weight or count * len(self._order) < total:
+            return False
+        loads = list(compress(self._recent_routes, map(contains, self._prefix_sets, repeat(first_key))))
+        return bool(loads) and min(loads) * len(self._order) > REPLICA_MARGIN * total
+
+    def _replica(
+        self, first_key: BlockHash, credit: dict[str, float], cheapest: str, num_tokens: int, pull: str, source: str | None, source_blocks: int
+    ) -> tuple[str, float | None] | None:
+        """The cheapest worker that does not hold a hot prefix, and its credit with a pull (None:
+        it computes the prefix); None when each costs more than one full prefill above
+        ``cheapest``. Ties go to the worker holding the fewest prefixes."""
+        costs = self._queue_costs
+        limit = costs[self._index[cheapest]] - credit.get(cheapest, 0.0) + num_tokens
+        best = None
+        for index, prefixes in enumerate(self._prefix_sets):
+            if first_key in prefixes:
+                continue
+            worker_id = self._order[index]
+            own = credit.get(worker_id, 0.0)  # a hit below the device, or the credit of a pull priced already
+            pulled = None
+            if pull == "auto" and source is not None and worker_id not in credit:  # it holds nothing of the prefix
+                saving = self._pull_saving(worker_id, source_blocks * self.block_size)
+                if saving > 0:
+                    own = pulled = saving
+            cost = costs[index] - own
+            if cost <= limit and (best is None or (cost, len(prefixes)) < best[0]):
+                best = ((cost, len(prefixes)), worker_id, pulled)
+        return None if best is None else best[1:]
 
     def _pull_credits(self, held: dict[BlocksByTier, list[str]], saved: dict[str, float], source: str, source_blocks: int) -> dict[str, float]:
         """Credit (saved prefill tokens) for serving with a pull from ``source``, for the workers
@@ -488,6 +572,9 @@ class Router:
         if seeding and len(candidates) > 1:
             held = list(map(len, map(self._prefix_sets.__getitem__, candidates)))
             candidates = list(compress(candidates, map(eq, held, repeat(min(held)))))
+        if len(candidates) > 1:  # the fewest recent routes: idle workers take turns
+            recent = list(map(self._recent_routes.__getitem__, candidates))
+            candidates = list(compress(candidates, map(eq, recent, repeat(min(recent)))))
         return self._order[candidates[self._next_tie % len(candidates)]]
 
     def complete(self, request_id: str, actual_hit_tokens: int | None, *, now: float | None = None) -> None:
@@ -540,10 +627,24 @@ class Router:
             "pull_plans": t["pull_plans"],
             "planned_pull_tokens": t["planned_pull_tokens"],
             "recomputes_chosen": t["recomputes_chosen"],
+            "replications": t["replications"],
             "routed_per_worker": dict(self._routed),
         }
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _count_share(self, first_key: BlockHash, worker_id: str) -> None:
+        """Counts a route to ``worker_id`` of the prefix starting with ``first_key`` (see ``_shares``)."""
+        weight = self._share_weight * self._share_growth
+        if weight > _SHARE_RESCALE_AT:  # every 64 half-lives: back to weight 1, the forgotten dropped
+            self._shares = {key: count / weight for key, count in self._shares.items() if count > weight * _SHARE_FORGOTTEN}
+            self._share_total /= weight
+            self._recent_routes = [count / weight for count in self._recent_routes]
+            weight = 1.0
+        self._share_weight = weight
+        self._shares[first_key] = self._shares.get(first_key, 0.0) + weight
+        self._share_total += weight
+        self._recent_routes[self._index[worker_id]] += weight
 
     def _refresh(self, worker_id: str) -> None:
         queued = self._states[worker_id].queued(self.decode_tokens_per_request)
